@@ -1,0 +1,121 @@
+"""Model hyper-parameters, read from a Hugging Face `config.json`.
+
+Only the keys a Llama-family forward pass needs are kept; everything else in the file is
+ignored so that configs written by newer versions of transformers still load. A model type
+whose forward pass differs from Llama's is refused here, before any weight is read, with a
+message that says so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import MlxLlamaError
+
+# model_type values whose forward pass is exactly Llama's (given the checks below).
+LLAMA_COMPATIBLE = ("llama", "mistral")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        """Validate a config.json dict and keep what the model needs."""
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in LLAMA_COMPATIBLE:
+            raise MlxLlamaError(
+                f"unsupported model_type '{model_type}': mlx-llama runs Llama-architecture models "
+                f"({', '.join(LLAMA_COMPATIBLE)}); use a runtime built for {model_type}"
+            )
+        if model_type == "mistral" and cfg.get("sliding_window"):
+            raise MlxLlamaError(
+                "unsupported Mistral config: sliding_window attention is not implemented; "
+                "use a Mistral model without sliding_window (e.g. v0.2 or later)"
+            )
+        missing = [
+            k
+            for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                      "intermediate_size", "vocab_size")
+            if k not in cfg
+        ]
+        if missing:
+            raise MlxLlamaError(
+                f"config.json is missing {', '.join(missing)}: it is not a complete "
+                "Llama config; re-export or re-convert the model"
+            )
+        heads = int(cfg["num_attention_heads"])
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        hidden = int(cfg["hidden_size"])
+        if heads % kv_heads:
+            raise MlxLlamaError(
+                f"config.json has {heads} attention heads but {kv_heads} key/value heads: "
+                "the first must be a multiple of the second"
+            )
+        head_dim = cfg.get("head_dim") or hidden // heads
+        rope_scaling = _rope_scaling(cfg)
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        return cls(
+            hidden_size=hidden,
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            intermediate_size=int(cfg["intermediate_size"]),
+            vocab_size=int(cfg["vocab_size"]),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=_rope_theta(cfg),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            model_type=model_type,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+def _rope_theta(cfg: dict[str, Any]) -> float:
+    """transformers < 5 writes `rope_theta` at the top level, >= 5 inside `rope_parameters`."""
+    params = cfg.get("rope_parameters") or {}
+    return float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
+def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """Normalise `rope_scaling` (transformers also calls it `rope_parameters`)."""
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise MlxLlamaError(
+            f"unsupported rope_scaling type '{kind}': supported are {', '.join(ROPE_TYPES)}"
+        )
+    if kind == "default":
+        return None
+    factor = scaling.get("factor")
+    if factor is None or not math.isfinite(float(factor)) or float(factor) <= 0:
+        raise MlxLlamaError(f"rope_scaling '{kind}' needs a positive 'factor'; got {factor!r}")
+    return {**scaling, "rope_type": kind}

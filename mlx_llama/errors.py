@@ -1,0 +1,11 @@
+"""The one exception type for mistakes a user can make.
+
+Everything a user can cause (a wrong path, a corrupt file, a bad request) raises
+`MlxLlamaError` with a single line that names the problem and what to do about it. The CLI
+prints that line and exits 1; the server turns it into an HTTP error. Anything else that
+escapes is a bug in mlx-llama and keeps its traceback.
+"""
+
+
+class MlxLlamaError(Exception):
+    """A user-facing error: the message is one line that says what is wrong and what to do."""
