@@ -56,3 +56,41 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.state)
+
+
+class PromptCache:
+    """Per-layer caches plus the token ids they hold, so a later prompt that starts with the
+    same tokens (the next turn of a chat) prefills only what is new."""
+
+    def __init__(self, make_layers) -> None:
+        # `make_layers` (e.g. `model.make_cache`) builds fresh per-layer caches of the chosen kind.
+        self.make_layers = make_layers
+        self.layers: list = make_layers()
+        self.tokens: list[int] = []
+
+    def reuse(self, tokens: list[int]) -> int:
+        """Trim to the longest common prefix with `tokens`; return how many are reused.
+
+        At least one token is always left to prefill: its logits start the decode.
+        """
+        common = 0
+        for a, b in zip(self.tokens, tokens):
+            if a != b:
+                break
+            common += 1
+        held = self.layers[0].offset if self.layers else 0
+        common = min(common, len(tokens) - 1, held)
+        if common < held:
+            trimmable = all(getattr(c, "is_trimmable", True) for c in self.layers)
+            if trimmable:
+                for c in self.layers:
+                    c.trim(held - common)
+            else:
+                common = 0
+                self.layers = self.make_layers()
+        self.tokens = list(tokens[:common])
+        return common
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.layers)

@@ -102,10 +102,13 @@ class Llama(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        h = self.model(tokens, cache)
+        return self.project(self.model(tokens, cache))
+
+    def project(self, hidden: mx.array) -> mx.array:
+        """Final hidden states -> logits (split out so prefill can project only the last one)."""
         if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+            return self.model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.model.layers]

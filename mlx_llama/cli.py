@@ -1,0 +1,154 @@
+"""`mlx-llama`: argument parsing only; every subcommand calls the library.
+
+The CLI is the front door over both packages: `convert` and the bundled default model are
+served by the `convert` package (imported only when those are used), everything else by
+the runtime. A user error prints one line and exits 1; Ctrl-C exits 130 without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from .errors import MlxLlamaError
+
+DEFAULT_PROMPT = "Write a short poem about llamas running on a laptop."
+
+# Subcommands that live in their own modules: module -> attribute names of (add_arguments, run).
+EXTERNAL = {
+    "convert": ("convert.cli", "add_convert_parser", "run_convert"),
+    "serve": ("mlx_llama.server.cli", "add_arguments", "run"),
+    "bench": ("mlx_llama.bench", "add_arguments", "run"),
+    "perplexity": ("mlx_llama.perplexity", "add_arguments", "run"),
+    "cache-prompt": ("mlx_llama.prompt_cache", "add_arguments", "run"),
+}
+
+
+def resolve_model(spec: str | None) -> Path:
+    """The folder for `-m`: a path or hub repo id, or the bundled SmolLM2 when none is given."""
+    if spec is None:
+        try:
+            bundled = importlib.import_module("convert.bundled")
+        except ImportError:
+            raise MlxLlamaError(
+                "no model given and the converter is not installed: pass -m MODEL_FOLDER"
+            ) from None
+        return bundled.default_model_dir()
+    from .hub import resolve_model_folder
+
+    return resolve_model_folder(spec)
+
+
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=None,
+                   help="model folder or hub repo id (default: bundled SmolLM2-135M-Instruct)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.0,
+                   help="0 is greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_params(args: argparse.Namespace):
+    from .sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty, seed=args.seed,
+    )
+
+
+def print_stats(last) -> None:
+    print(
+        f"\nprompt: {last.prompt_tokens} tokens ({last.cached_tokens} cached), "
+        f"{last.prompt_tps:.1f} tok/s | generation: {last.generation_tokens} tokens, "
+        f"{last.generation_tps:.1f} tok/s | peak memory: {last.peak_memory_gb:.3f} GB",
+        file=sys.stderr,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import stream_generate
+    from .loading import load
+
+    model, tokenizer = load(resolve_model(args.model))
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.system and not args.no_chat_template:
+        prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]
+    last = None
+    for last in stream_generate(
+        model, tokenizer, prompt, args.max_tokens, sampling=sampling_params(args),
+        stop=args.stop, chat=False if args.no_chat_template else None,
+    ):
+        print(last.text, end="", flush=True)
+    print()
+    if last is not None:
+        print_stats(last)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat_repl import run_repl
+
+    return run_repl(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlx-llama", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    add_model_argument(g)
+    g.add_argument("-p", "--prompt", default=DEFAULT_PROMPT, help="prompt text, or - for stdin")
+    g.add_argument("--system", default=None, help="system message (chat models)")
+    g.add_argument("--no-chat-template", action="store_true",
+                   help="send the prompt as raw text even if the model has a chat template")
+    add_sampling_arguments(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat that keeps the conversation's cache")
+    add_model_argument(c)
+    c.add_argument("--system", default=None, help="system message")
+    add_sampling_arguments(c)
+    c.set_defaults(func=cmd_chat)
+
+    for name, (module, add, run) in EXTERNAL.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue  # optional part not installed (e.g. the server extra)
+        p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
+        getattr(mod, add)(p)
+        p.set_defaults(func=getattr(mod, run))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MlxLlamaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""The generation engine: prefill the prompt, then decode one token at a time.
+
+Shape of the loop (as in gpt-fast): `prefill` runs the prompt through the model in chunks,
+evaluating the cache between chunks so peak memory follows the chunk, not the prompt;
+`decode` then builds step n+1's graph while step n computes (`mx.async_eval`), so the host's
+Python work for a token overlaps the device's work for the previous one. Detokenizing and stop
+checks are the only per-token host work.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import mlx.core as mx
+
+from .cache import PromptCache
+from .errors import MlxLlamaError
+from .sampling import LogitsProcessor, SamplingParams, make_sampler
+
+PREFILL_CHUNK = 512
+
+Prompt = "str | list[int] | list[dict[str, Any]]"
+
+
+@dataclass
+class GenerationResponse:
+    """One step of `stream_generate`: the new text and what it cost so far."""
+
+    text: str
+    token: int | None
+    logprobs: mx.array | None
+    finish_reason: str | None  # None while generating; "stop" or "length" on the last item
+    prompt_tokens: int
+    cached_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory_gb: float
+
+
+def peak_memory_gb() -> float:
+    return mx.get_peak_memory() / 1e9
+
+
+def prefill(
+    model,
+    tokens: list[int],
+    cache: list,
+    chunk: int = PREFILL_CHUNK,
+    progress: Callable[[int, int], None] | None = None,
+) -> mx.array:
+    """Run `tokens` into `cache`; return the (1, vocab) logits of the last token.
+
+    Chunks before the last skip the output head entirely (only the cache matters), and the
+    last chunk projects only its final position: on a 49k vocabulary that head is a fifth
+    of the model's work per token.
+    """
+    if not tokens:
+        raise MlxLlamaError("nothing to prefill: the prompt has no tokens")
+    total = len(tokens)
+    done = 0
+    while total - done > chunk:
+        model.model(mx.array([tokens[done : done + chunk]]), cache)
+        mx.eval([c.state for c in cache])
+        done += chunk
+        if progress:
+            progress(done, total)
+    hidden = model.model(mx.array([tokens[done:]]), cache)
+    logits = model.project(hidden[:, -1:, :])[:, -1, :]
+    if progress:
+        progress(total, total)
+    return logits
+
+
+def decode(
+    model,
+    first_logits: mx.array,
+    cache: list,
+    sampler,
+    processor: LogitsProcessor | None = None,
+    want_logprobs: bool = False,
+) -> Iterator[tuple[int, mx.array | None]]:
+    """Yield (token, logprobs) forever; the caller decides when to stop."""
+
+    def choose(logits: mx.array) -> tuple[mx.array, mx.array]:
+        if processor is not None:
+            logits = processor(logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logprobs)
+        if processor is not None:
+            processor.observe(token)
+        return token, logprobs
+
+    def step(token: mx.array) -> tuple[mx.array, mx.array]:
+        return choose(model(token.reshape(1, 1), cache)[:, -1, :])
+
+    token, logprobs = choose(first_logits)
+    mx.async_eval(token, logprobs)
+    while True:
+        next_token, next_logprobs = step(token)
+        mx.async_eval(next_token, next_logprobs)
+        token_id = token.item()
+        if processor is not None:
+            processor.observe_id(token_id)
+        yield token_id, (logprobs[0] if want_logprobs else None)
+        token, logprobs = next_token, next_logprobs
+
+
+class StopStrings:
+    """Holds back text that might be the start of a stop string, so none is ever printed."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit)."""
+        if not self.stops:
+            return text, False
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[: min(hits)], True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        self.held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+def encode_prompt(tokenizer, prompt, chat: bool | None = None) -> list[int]:
+    """Token ids for a string, a list of chat messages, or ids as given.
+
+    `chat=None` applies the model's chat template to strings only when the tokenizer has one.
+    """
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and prompt:
+        return list(prompt)
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    if not isinstance(prompt, str):
+        raise MlxLlamaError("prompt must be a string, a list of token ids, or a list of messages")
+    if not prompt:
+        raise MlxLlamaError("the prompt is empty: give some text to continue")
+    if chat or (chat is None and tokenizer.chat_template):
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return tokenizer.encode(prompt)
+
+
+def context_length(model) -> int:
+    return model.config.max_position_embeddings
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt,
+    max_tokens: int = 256,
+    *,
+    sampling: SamplingParams | None = None,
+    stop: list[str] | str | None = None,
+    chat: bool | None = None,
+    cache: PromptCache | None = None,
+    logprobs: bool = False,
+    prefill_chunk: int = PREFILL_CHUNK,
+    prefill_progress: Callable[[int, int], None] | None = None,
+    **sampling_kwargs,
+) -> Iterator[GenerationResponse]:
+    """Generate from `prompt`, yielding a `GenerationResponse` per printable piece.
+
+    `prompt` is a string, a list of chat messages, or token ids. Sampling options may be
+    given as a `SamplingParams` or as keywords (`temperature=0.7, top_p=0.9, seed=1, ...`).
+    A `PromptCache(model.make_cache)` passed in is reused: the longest prefix it shares with
+    this prompt (e.g. the previous turn of a chat) is kept and only the rest is prefilled;
+    afterwards it holds the prompt and the completion.
+    """
+    if sampling is None:
+        sampling = SamplingParams(**sampling_kwargs)
+    elif sampling_kwargs:
+        raise MlxLlamaError("pass sampling options either as SamplingParams or as keywords")
+    sampling.validate(model.config.vocab_size)
+    if max_tokens < 1:
+        raise MlxLlamaError(f"max_tokens must be at least 1, got {max_tokens}")
+    tokens = encode_prompt(tokenizer, prompt, chat)
+    limit = context_length(model)
+    if len(tokens) >= limit:
+        raise MlxLlamaError(
+            f"the prompt has {len(tokens)} tokens but the model's context is {limit}: shorten it"
+        )
+    max_tokens = min(max_tokens, limit - len(tokens))
+    if cache is None:
+        cache = PromptCache(model.make_cache)
+    cached = cache.reuse(tokens)
+
+    if sampling.seed is not None:
+        mx.random.seed(sampling.seed)
+    sampler = make_sampler(sampling)
+    processor = LogitsProcessor(sampling, model.config.vocab_size, tokens)
+    end_ids = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
+    stops = StopStrings([stop] if isinstance(stop, str) else list(stop or []))
+    detok = tokenizer.detokenizer()
+
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    first_logits = prefill(model, tokens[cached:], cache.layers, prefill_chunk, prefill_progress)
+    cache.tokens = list(tokens)
+    mx.eval(first_logits)
+    prompt_time = time.perf_counter() - start
+    prompt_tps = (len(tokens) - cached) / max(prompt_time, 1e-9)
+
+    def response(text, token, lp, n, finish):
+        elapsed = time.perf_counter() - decode_start
+        return GenerationResponse(
+            text=text, token=token, logprobs=lp, finish_reason=finish,
+            prompt_tokens=len(tokens), cached_tokens=cached, prompt_tps=prompt_tps,
+            generation_tokens=n, generation_tps=n / max(elapsed, 1e-9),
+            peak_memory_gb=peak_memory_gb(),
+        )
+
+    decode_start = time.perf_counter()
+    steps = decode(model, first_logits, cache.layers, sampler,
+                   processor if processor.active else None, logprobs)
+    n = 0
+    for n, (token, lp) in enumerate(steps, start=1):
+        cache.tokens.append(token)  # decode has already fed it to the cache
+        if token in end_ids:
+            tail, _ = stops.feed(detok.finalize())
+            yield response(tail + stops.flush(), token, lp, n, "stop")
+            return
+        text, hit = stops.feed(detok.add_token(token))
+        if hit:
+            yield response(text, token, lp, n, "stop")
+            return
+        if n >= max_tokens:
+            tail, hit = stops.feed(detok.finalize())
+            yield response(text + tail + ("" if hit else stops.flush()), token, lp, n,
+                           "stop" if hit else "length")
+            return
+        yield response(text, token, lp, n, None)
+
+
+def generate(model, tokenizer, prompt, max_tokens: int = 256, **kwargs) -> str:
+    """The whole completion as one string (see `stream_generate` for the options)."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs))

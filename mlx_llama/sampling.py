@@ -1,0 +1,166 @@
+"""Samplers and logits processors.
+
+A sampler maps (1, vocab) log-probabilities to a (1,) token. Filters (top-k, top-p, min-p)
+mask tokens to -inf and are fused with the categorical draw in one `mx.compile`d function per
+setting, so a decode step adds a handful of kernels, not a Python loop over the vocabulary.
+The random state is threaded through the compiled function, so `mx.random.seed(s)` before
+generating gives the same text for the same seed.
+
+Logits processors (repetition, frequency and presence penalties, logit bias) keep their state
+(token counts) as MLX arrays updated inside the graph: no per-token host work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
+
+import mlx.core as mx
+
+from .errors import MlxLlamaError
+
+Sampler = Callable[[mx.array], mx.array]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_context_size: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        """Reject values no sampler can honour, with the allowed range in the message."""
+        checks = [
+            ("temperature", self.temperature, 0.0 <= self.temperature <= 100, ">= 0"),
+            ("top_p", self.top_p, 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+            ("top_k", self.top_k, self.top_k >= 0, ">= 0 (0 disables it)"),
+            ("min_p", self.min_p, 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0"),
+            ("repetition_context_size", self.repetition_context_size,
+             self.repetition_context_size > 0, "> 0"),
+            ("frequency_penalty", self.frequency_penalty, -2 <= self.frequency_penalty <= 2,
+             "in [-2, 2]"),
+            ("presence_penalty", self.presence_penalty, -2 <= self.presence_penalty <= 2,
+             "in [-2, 2]"),
+        ]
+        for name, value, ok, allowed in checks:
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):
+                raise MlxLlamaError(f"invalid {name} {value!r}: must be {allowed}")
+        for token, bias in self.logit_bias.items():
+            if vocab_size is not None and not 0 <= int(token) < vocab_size:
+                raise MlxLlamaError(
+                    f"logit_bias names token {token}, outside the vocabulary (0..{vocab_size - 1})"
+                )
+            if not math.isfinite(bias) and bias != -math.inf:
+                raise MlxLlamaError(f"logit_bias for token {token} must be a number, got {bias}")
+        return self
+
+
+def greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+def _top_k(logprobs: mx.array, k: int) -> mx.array:
+    if k >= logprobs.shape[-1]:
+        return logprobs
+    # The k-th largest value is the threshold; ties at the threshold are kept.
+    kth = mx.sort(logprobs, axis=-1)[..., -k][..., None]
+    return mx.where(logprobs >= kth, logprobs, -mx.inf)
+
+
+def _top_p(logprobs: mx.array, p: float) -> mx.array:
+    order = mx.argsort(-logprobs, axis=-1)
+    sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
+    probs = mx.exp(sorted_lp)
+    # Keep a token if the mass strictly before it is below p: the smallest set reaching p.
+    before = mx.cumsum(probs, axis=-1) - probs
+    keep_sorted = before < p
+    # Scatter the decision back to vocabulary order.
+    keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
+    return mx.where(keep, logprobs, -mx.inf)
+
+
+def _min_p(logprobs: mx.array, min_p: float) -> mx.array:
+    threshold = mx.max(logprobs, axis=-1, keepdims=True) + math.log(min_p)
+    return mx.where(logprobs >= threshold, logprobs, -mx.inf)
+
+
+def make_sampler(params: SamplingParams) -> Sampler:
+    """A compiled sampler for these settings; greedy when temperature is 0 or top_k is 1."""
+    if params.temperature == 0 or params.top_k == 1:
+        return mx.compile(greedy)
+    temperature, top_p, top_k, min_p = params.temperature, params.top_p, params.top_k, params.min_p
+
+    @partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state)
+    def sample(logprobs: mx.array) -> mx.array:
+        if top_k > 0:
+            logprobs = _top_k(logprobs, top_k)
+        if top_p < 1.0:
+            logprobs = _top_p(logprobs, top_p)
+        if min_p > 0.0:
+            logprobs = _min_p(logprobs, min_p)
+        return mx.random.categorical(logprobs * (1.0 / temperature))
+
+    return sample
+
+
+class LogitsProcessor:
+    """Penalties and biases applied to raw logits before sampling.
+
+    `tokens_seen` counts the generated tokens (OpenAI's frequency/presence semantics);
+    the repetition penalty (CTRL-style, as in transformers and llama.cpp) looks at the last
+    `repetition_context_size` tokens of prompt and output.
+    """
+
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt: list[int]):
+        self.params = params
+        self.vocab_size = vocab_size
+        self.counts = mx.zeros((vocab_size,), mx.float32)
+        self.recent = list(prompt[-params.repetition_context_size :])
+        self.bias = None
+        if params.logit_bias:
+            bias = [0.0] * vocab_size
+            for token, value in params.logit_bias.items():
+                bias[int(token)] = float(value)
+            self.bias = mx.array(bias)
+
+    @property
+    def active(self) -> bool:
+        p = self.params
+        return bool(
+            p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty or p.logit_bias
+        )
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        p = self.params
+        if p.repetition_penalty != 1.0 and self.recent:
+            idx = mx.array(self.recent)
+            picked = logits[..., idx]
+            picked = mx.where(picked > 0, picked / p.repetition_penalty,
+                              picked * p.repetition_penalty)
+            logits[..., idx] = picked
+        if p.frequency_penalty or p.presence_penalty:
+            logits = logits - self.counts * p.frequency_penalty
+            logits = logits - (self.counts > 0) * p.presence_penalty
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits
+
+    def observe(self, token: mx.array) -> None:
+        """Record a sampled token (still lazy: no host sync)."""
+        if self.params.frequency_penalty or self.params.presence_penalty:
+            self.counts = self.counts.at[token].add(1.0)
+
+    def observe_id(self, token: int) -> None:
+        if self.params.repetition_penalty != 1.0:
+            self.recent.append(token)
+            del self.recent[: -self.params.repetition_context_size]
