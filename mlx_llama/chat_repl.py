@@ -1,0 +1,68 @@
+"""`mlx-llama chat`: a terminal chat that keeps the conversation and its KV cache.
+
+Each turn renders the whole conversation with the model's chat template, and the
+`PromptCache` finds the prefix it already holds (every earlier turn, including the replies it
+generated), so only the new user message is prefilled. Ctrl-C during a reply stops that reply
+and keeps what was said; Ctrl-C or Ctrl-D at the prompt leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .cache import PromptCache
+from .generate import stream_generate
+
+HELP = "commands: /reset clears the conversation, /quit leaves, /help shows this"
+
+
+def run_repl(args: argparse.Namespace) -> int:
+    from .cli import resolve_model, sampling_params
+    from .loading import load
+
+    model, tokenizer = load(resolve_model(args.model))
+    params = sampling_params(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    cache = PromptCache(model.make_cache)
+    out, err = sys.stdout, sys.stderr
+    print(f"chatting with {args.model or 'the bundled SmolLM2'}; {HELP}", file=err)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=err)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit", "/bye"):
+            return 0
+        if text == "/help":
+            print(HELP, file=err)
+            continue
+        if text == "/reset":
+            messages = list(system)
+            cache = PromptCache(model.make_cache)
+            print("conversation cleared", file=err)
+            continue
+        messages.append({"role": "user", "content": text})
+        reply, last = [], None
+        try:
+            for last in stream_generate(model, tokenizer, messages, args.max_tokens,
+                                        sampling=params, stop=args.stop, cache=cache):
+                reply.append(last.text)
+                out.write(last.text)
+                out.flush()
+        except KeyboardInterrupt:
+            print("\n[reply interrupted]", file=err)
+        print(file=out)
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        if last is not None:
+            print(
+                f"[prompt {last.prompt_tokens} tokens: {last.cached_tokens} cached, "
+                f"{last.prompt_tokens - last.cached_tokens} prefilled | "
+                f"{last.generation_tokens} generated, {last.generation_tps:.1f} tok/s]",
+                file=err,
+            )
