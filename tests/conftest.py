@@ -151,3 +151,46 @@ def smollm2_gguf_path() -> Path:
 @pytest.fixture(scope="session")
 def paragraph() -> str:
     return (DATA / "paragraph.txt").read_text()
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_gguf_path):
+    """transformers' LlamaForCausalLM on the bundled GGUF (dequantized, float32): the reference.
+
+    Loaded once per session; it takes seconds and ~600 MB.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf_path.parent, gguf_file=smollm2_gguf_path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_mlx(smollm2_gguf_path, tmp_path_factory) -> Path:
+    """The bundled GGUF imported into an MLX folder (the default model's path, in a temp cache)."""
+    from convert.api import convert
+
+    return convert(str(smollm2_gguf_path), tmp_path_factory.mktemp("smol") / "mlx", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_bf16(smollm2_gguf_path, tmp_path_factory) -> Path:
+    """SmolLM2 as users have it on the hub: a bfloat16 Hugging Face folder."""
+    from convert.export import export_hf
+    from convert.gguf import read_gguf
+
+    return export_hf(read_gguf(smollm2_gguf_path), tmp_path_factory.mktemp("smolhf") / "bf16")
+
+
+def nll_per_token(logits, tokens) -> "np.ndarray":
+    """Negative log-likelihood of tokens[1:] given logits[:-1] (numpy, float64)."""
+    import numpy as np
+
+    logits = np.asarray(logits, dtype=np.float64)[0, :-1]
+    targets = np.asarray(tokens)[0, 1:]
+    m = logits.max(-1, keepdims=True)
+    logz = np.log(np.exp(logits - m).sum(-1)) + m[:, 0]
+    return logz - logits[np.arange(len(targets)), targets]

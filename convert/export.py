@@ -1,0 +1,89 @@
+"""Export a model to a plain Hugging Face folder in float (dequantizing where needed).
+
+The bundled SmolLM2 exists only as a Q4_1 GGUF; benchmarks and quality tests need it the way
+users have models: a bfloat16 (or float32) Hugging Face folder with safetensors, config.json and
+tokenizer files, which transformers, mlx-lm and our converter all read. Dequantizing MLX affine
+triples is exact arithmetic (code * scale + bias), so nothing is lost beyond the target dtype.
+
+    python -m convert.export SmolLM2-135M-Instruct.Q4_1.gguf -o smollm2-bf16 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_llama.errors import MlxLlamaError
+
+from .source import SourceModel
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def dequantized_weights(src: SourceModel, dtype: mx.Dtype) -> dict[str, mx.array]:
+    """Plain float tensors for every weight, quantized triples folded back into matrices."""
+    quant = src.quantization or {}
+    out: dict[str, mx.array] = {}
+    for name, array in src.weights.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        module = name[: -len(".weight")]
+        if f"{module}.scales" in src.weights:
+            params = quant.get(module) if isinstance(quant.get(module), dict) else quant
+            array = mx.dequantize(
+                array, src.weights[f"{module}.scales"], src.weights[f"{module}.biases"],
+                group_size=params.get("group_size", 64), bits=params.get("bits", 4),
+            )
+        out[name] = array.astype(dtype)
+    return out
+
+
+def export_hf(src: SourceModel, out: str | Path, dtype: str = "bfloat16") -> Path:
+    """Write `src` as an unquantized Hugging Face folder at `out` (atomically)."""
+    out = Path(out)
+    if out.exists():
+        raise MlxLlamaError(f"{out} already exists; choose a new output folder")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        weights = dequantized_weights(src, DTYPES[dtype])
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
+        config = {k: v for k, v in src.config.items()
+                  if k not in ("quantization", "quantization_config")}
+        config["torch_dtype"] = dtype
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name, content in src.files.items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(tmp / name, mode) as f:
+                f.write(content)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m convert.export", description=__doc__.splitlines()[0])
+    p.add_argument("src", help="a .gguf file")
+    p.add_argument("-o", "--out", required=True)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    args = p.parse_args(argv)
+    try:
+        from .gguf import read_gguf
+
+        export_hf(read_gguf(args.src), args.out, args.dtype)
+    except MlxLlamaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
