@@ -1,0 +1,88 @@
+"""The generation engine end to end on a tiny model with its real tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlx_llama.cache import PromptCache
+from mlx_llama.errors import MlxLlamaError
+from mlx_llama.generate import generate, stream_generate
+from mlx_llama.loading import load
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoints):
+    return load(tiny_checkpoints["gqa"])
+
+
+PROMPT = "Llamas are social animals"
+
+
+def test_max_tokens_and_finish_reason(tiny):
+    model, tok = tiny
+    steps = list(stream_generate(model, tok, PROMPT, 12, logit_bias={2: -1e9}))
+    assert steps[-1].finish_reason == "length"
+    assert steps[-1].generation_tokens == 12 and len(steps) == 12
+    assert all(s.finish_reason is None for s in steps[:-1])
+    assert steps[-1].prompt_tokens == len(tok.encode(PROMPT))
+    assert steps[-1].peak_memory_gb > 0 and steps[-1].generation_tps > 0
+
+
+def test_end_token_stops_and_is_not_printed(tiny):
+    model, tok = tiny
+    steps = list(stream_generate(model, tok, PROMPT, 20, logit_bias={2: 1e9}))
+    assert len(steps) == 1 and steps[0].finish_reason == "stop"
+    assert steps[0].token == 2 and steps[0].text == ""
+
+
+def test_seed_reproducible(tiny):
+    model, tok = tiny
+    kw = dict(temperature=1.0, top_p=0.95, logit_bias={2: -1e9})
+    a = generate(model, tok, PROMPT, 24, seed=11, **kw)
+    b = generate(model, tok, PROMPT, 24, seed=11, **kw)
+    c = generate(model, tok, PROMPT, 24, seed=12, **kw)
+    assert a == b and a != c
+
+
+def test_stop_string_cuts_output(tiny):
+    model, tok = tiny
+    full = generate(model, tok, PROMPT, 30, logit_bias={2: -1e9})
+    assert len(full) > 12
+    stop = full[6:10]
+    out = list(stream_generate(model, tok, PROMPT, 30, stop=[stop], logit_bias={2: -1e9}))
+    text = "".join(s.text for s in out)
+    assert text == full[: full.index(stop)] and out[-1].finish_reason == "stop"
+
+
+def test_chunked_prefill_gives_same_text(tiny):
+    model, tok = tiny
+    long_prompt = " ".join([PROMPT] * 8)
+    assert generate(model, tok, long_prompt, 16, prefill_chunk=7) == generate(
+        model, tok, long_prompt, 16
+    )
+
+
+def test_prompt_cache_prefills_only_new_tokens(tiny):
+    model, tok = tiny
+    cache = PromptCache(model.make_cache)
+    first = list(stream_generate(model, tok, PROMPT, 8, cache=cache))
+    held = first[-1].prompt_tokens + first[-1].generation_tokens
+    assert len(cache.tokens) == held == cache.layers[0].offset
+    follow_up = cache.tokens + tok.encode(" and they carry packs", add_special_tokens=False)
+    second = list(stream_generate(model, tok, follow_up, 8, cache=cache))
+    assert second[-1].cached_tokens == held
+    fresh = generate(model, tok, follow_up, 8)
+    assert "".join(s.text for s in second) == fresh
+
+
+@pytest.mark.parametrize(
+    "prompt, kwargs, needle",
+    [("", {}, "empty"), ("word " * 600, {}, "context"), (PROMPT, {"top_p": 3.0}, "top_p"),
+     (PROMPT, {"max_tokens": 0}, "max_tokens")],
+)
+def test_bad_input_is_one_line_error(tiny, prompt, kwargs, needle):
+    model, tok = tiny
+    max_tokens = kwargs.pop("max_tokens", 5)
+    with pytest.raises(MlxLlamaError) as e:
+        generate(model, tok, prompt, max_tokens, **kwargs)
+    assert needle in str(e.value) and "\n" not in str(e.value)
