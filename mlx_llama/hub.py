@@ -1,10 +1,22 @@
 """Turn a model argument into a local folder: a path as given, or a hub repo id downloaded
-through `huggingface_hub` (its cache, token discovery, resume and offline mode included)."""
+through `huggingface_hub`.
+
+The library does everything a careful downloader needs — the standard cache (`HF_HOME`),
+tokens from `HF_TOKEN` or `huggingface-cli login`, resumable downloads, `HF_HUB_OFFLINE=1`
+served from the cache — so this module only decides *which* files to fetch (never pickles or
+GGUF files a runtime does not read) and turns the library's exception zoo into one line that
+says what to do.
+"""
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .errors import MlxLlamaError
 
@@ -19,17 +31,25 @@ MODEL_FILES = [
     "*.tiktoken",
 ]
 
+# Only files at the top of a repo: sub-folders hold originals (`original/consolidated.pth`),
+# ONNX exports and the like, which can be many gigabytes and are never read.
+IGNORE_SUBFOLDERS = ["*/*"]
+
+LOGIN_HINT = "log in with `huggingface-cli login` or set HF_TOKEN"
+
 
 def looks_like_repo_id(spec: str) -> bool:
     return bool(REPO_ID.match(spec)) and not spec.startswith((".", "/", "~"))
 
 
 def resolve_model_folder(spec: str | Path, revision: str | None = None) -> Path:
+    """A local model folder for `spec`: the folder itself, or a hub repo's cached snapshot."""
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
             raise MlxLlamaError(
-                f"{path} is a file, not a model folder; convert it with `mlx-llama convert {path} -o OUT`"
+                f"{path} is a file, not a model folder; convert it with "
+                f"`mlx-llama convert {path} -o OUT`"
             )
         return path
     if isinstance(spec, str) and looks_like_repo_id(spec):
@@ -37,10 +57,111 @@ def resolve_model_folder(spec: str | Path, revision: str | None = None) -> Path:
     raise MlxLlamaError(f"model path {spec} does not exist; give a model folder or a hub repo id")
 
 
-def download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
+def download(
+    repo_id: str, revision: str | None, patterns: list[str], progress: bool = True
+) -> Path:
+    """Fetch the files of `repo_id` matching `patterns` (top level only); return the snapshot.
+
+    Progress bars are huggingface_hub's own, shown only when stderr is a terminal.
+    """
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except Exception as e:  # refined into one-line messages in hub_errors
-        raise MlxLlamaError(f"cannot download {repo_id}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        with _progress_bars(progress and sys.stderr.isatty()):
+            folder = snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=patterns,
+                ignore_patterns=IGNORE_SUBFOLDERS,
+            )
+    except MlxLlamaError:
+        raise
+    except Exception as e:  # the library raises a dozen types; each gets its own sentence
+        raise MlxLlamaError(describe_hub_error(e, repo_id, revision)) from None
+    return Path(folder)
+
+
+def snapshot_revision(folder: Path) -> str | None:
+    """The commit hash of a cached snapshot folder (`.../snapshots/<sha>`), if it is one."""
+    if folder.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", folder.name):
+        return folder.name
+    return None
+
+
+def describe_hub_error(e: BaseException, repo_id: str, revision: str | None) -> str:
+    """One line naming what went wrong with a hub download and what to do about it."""
+    from huggingface_hub import errors as hf
+
+    rev = revision or "main"
+    offline_error = getattr(hf, "OfflineModeIsEnabled", ())
+    local_missing = getattr(hf, "LocalEntryNotFoundError", ())
+    if isinstance(e, hf.GatedRepoError):
+        return (
+            f"{repo_id} is a gated repository: accept its terms on "
+            f"https://huggingface.co/{repo_id} and {LOGIN_HINT}"
+        )
+    if isinstance(e, hf.RevisionNotFoundError):
+        return (
+            f"revision '{rev}' not found in {repo_id}: check the branch, tag or commit "
+            "given to --revision"
+        )
+    if isinstance(e, hf.RepositoryNotFoundError):
+        return (
+            f"repository {repo_id} not found on the Hugging Face hub: check the name; "
+            f"if it is private or gated, {LOGIN_HINT}"
+        )
+    if isinstance(e, hf.HfHubHTTPError):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            return f"access to {repo_id} was refused (HTTP {status}): {LOGIN_HINT} with a token that can read it"
+        return f"the Hugging Face hub refused the download of {repo_id} (HTTP {status}): {_first_line(e)}"
+    if isinstance(e, (offline_error, local_missing)) or _is_connection_error(e):
+        if offline_mode():
+            return (
+                f"{repo_id} (revision '{rev}') is not in the local cache and HF_HUB_OFFLINE=1 is "
+                "set: unset HF_HUB_OFFLINE and download it once while online"
+            )
+        return (
+            f"cannot reach the Hugging Face hub to download {repo_id}: check your network "
+            "connection, or set HF_HUB_OFFLINE=1 to use a cached copy"
+        )
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return (
+            f"no space left on the device while downloading {repo_id}: free some space or "
+            "point HF_HOME at a larger disk"
+        )
+    return f"cannot download {repo_id}: {type(e).__name__}: {_first_line(e)}"
+
+
+def offline_mode() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    """A network failure, whichever HTTP client this huggingface_hub version uses."""
+    names = {cls.__name__ for cls in type(e).__mro__}
+    return bool(names & {"ConnectError", "ConnectionError", "TimeoutException", "Timeout"})
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+
+
+@contextmanager
+def _progress_bars(show: bool) -> Iterator[None]:
+    """Turn huggingface_hub's bars off for this call only, leaving its global state as found."""
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+
+    was_disabled = are_progress_bars_disabled()
+    if not show and not was_disabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not show and not was_disabled:
+            enable_progress_bars()

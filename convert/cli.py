@@ -1,0 +1,120 @@
+"""`mlx-llama convert`: the command line over `convert.api.convert`.
+
+`add_convert_parser` registers the sub-command on the main CLI's sub-parsers and `run_convert`
+runs it; both import nothing heavy, so building the main parser stays fast. `main` runs the
+same thing stand-alone (`python -m convert.cli SRC -o OUT`).
+
+Every failure the user can cause — Ctrl-C included — ends as one `MlxLlamaError` line; the
+caller prints it and exits 1. Set MLX_LLAMA_DEBUG=1 to see the traceback of an unexpected one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+DESCRIPTION = (
+    "Convert a Hugging Face Llama model (local folder or hub repo id) or a .gguf file into an "
+    "MLX model folder, optionally quantized."
+)
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+         "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB' -> 536_870_912, '1000' -> 1000 bytes."""
+    match = SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size (examples: 5GB, 500MB, 2GiB)")
+    number, unit = match.groups()
+    unit = (unit or "").upper().rstrip("B")
+    value = int(float(number) * UNITS[unit])
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the shard size must be positive")
+    return value
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("src", help="Hugging Face model folder, hub repo id (org/name) or .gguf file")
+    parser.add_argument("-o", "--out", required=True, help="output folder (must not exist, see --force)")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
+                        help="dtype of unquantized tensors (default: the source's)")
+    parser.add_argument("-q", "--quantize", action="store_true",
+                        help="quantize Linear and Embedding weights (MLX affine)")
+    parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 5, 6, 8),
+                        help="bits per quantized weight (default 4)")
+    parser.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128),
+                        help="weights sharing one scale and bias (default 64)")
+    parser.add_argument("--embeddings-bits", type=int, default=8, choices=(2, 3, 4, 5, 6, 8),
+                        help="bits for the embedding and output head when quantizing (default 8)")
+    parser.add_argument("--no-quantize-embeddings", action="store_true",
+                        help="keep the embedding and output head unquantized")
+    parser.add_argument("--shard-size", type=parse_size, default="5GB",
+                        help="maximum size of one output weight file (default 5GB)")
+    parser.add_argument("--revision", help="hub branch, tag or commit (hub repo ids only)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or summary")
+    return parser
+
+
+def add_convert_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `convert` on the main CLI's sub-parsers (returns the new parser)."""
+    parser = subparsers.add_parser("convert", help="convert a model to an MLX folder",
+                                   description=DESCRIPTION)
+    return configure_parser(parser)
+
+
+def run_convert(args: argparse.Namespace) -> Path:
+    """Run a parsed `convert` command; user errors (and Ctrl-C) raise one-line MlxLlamaError."""
+    from mlx_llama.errors import MlxLlamaError
+
+    from .api import convert
+
+    try:
+        return convert(
+            args.src,
+            args.out,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            bits=args.bits,
+            group_size=args.group_size,
+            embedding_bits=None if args.no_quantize_embeddings else args.embeddings_bits,
+            shard_size=args.shard_size,
+            revision=args.revision,
+            force=args.force,
+            progress=not args.no_progress,
+        )
+    except MlxLlamaError:
+        raise
+    except KeyboardInterrupt:
+        raise MlxLlamaError(f"conversion interrupted: {args.out} was not written or changed") from None
+    except Exception as e:
+        if os.environ.get("MLX_LLAMA_DEBUG"):
+            raise
+        first = next(iter(str(e).splitlines()), "")
+        raise MlxLlamaError(
+            f"conversion failed ({type(e).__name__}: {first}); {args.out} was not written or "
+            "changed (MLX_LLAMA_DEBUG=1 shows the traceback)"
+        ) from e
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point: returns the exit status (0, or 1 after one error line)."""
+    from mlx_llama.errors import MlxLlamaError
+
+    parser = configure_parser(argparse.ArgumentParser(prog="mlx-llama convert", description=DESCRIPTION))
+    args = parser.parse_args(argv)
+    try:
+        run_convert(args)
+    except MlxLlamaError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
