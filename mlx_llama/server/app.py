@@ -1,0 +1,687 @@
+"""The OpenAI-compatible HTTP API: FastAPI routes over one `GenerationWorker`.
+
+A request's life: FastAPI validates the body against `schemas`; the handler checks what the
+schema cannot know (the model name, the context length, the vocabulary), tokenizes in a
+thread pool (long prompts and chat templates are CPU work the event loop must not do), and
+submits a `Job`. The worker thread sends the job's events back onto the event loop with
+`loop.call_soon_threadsafe`, into an `asyncio.Queue` the handler reads, so the loop only ever
+awaits. A streamed reply is server-sent events ending in `data: [DONE]`; if the client goes
+away, Starlette cancels the stream and the job is cancelled with it; a non-streamed request
+watches for the disconnect itself.
+
+Every error, from malformed JSON to a full queue, leaves as OpenAI's error JSON
+(`{"error": {"message", "type", "param", "code"}}`) with the matching status, and each
+request writes one log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import MlxLlamaError
+from ..sampling import SamplingParams
+from . import schemas as S
+from .worker import Delta, Failed, Finished, GenerationWorker, Job, QueueFull, TokenLogprob
+
+log = logging.getLogger("mlx_llama.server")
+
+MAX_BODY_BYTES = 32 << 20
+OPEN_PATHS = frozenset({"/health"})  # reachable without the API key
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class APIError(Exception):
+    """An error with an HTTP status, rendered in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers
+
+
+def error_json(status: int, message: str, type: str = "invalid_request_error",
+               param: str | None = None, code: str | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
+    body = S.ErrorResponse(error=S.ErrorDetail(message=message, type=type, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+# ------------------------------------------------------------------------------------------
+# Middleware: API key and body size, checked before anything parses the request
+# ------------------------------------------------------------------------------------------
+
+
+class GateMiddleware:
+    """Refuses requests without the right `Authorization: Bearer` key (401), and bodies
+    declared larger than `max_body_bytes` (413), before any JSON is parsed."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        refusal = None
+        if self.api_key is not None and scope.get("path") not in OPEN_PATHS:
+            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode("latin-1"), self.api_key
+            ):
+                what = "wrong" if token else "missing"
+                refusal = error_json(
+                    401, f"{what} API key: send 'Authorization: Bearer <key>' with the key "
+                    "the server was started with (--api-key or MLX_LLAMA_API_KEY)",
+                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        length = headers.get(b"content-length", b"0")
+        if refusal is None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            refusal = error_json(413, f"the request body is larger than {self.max_body_bytes} "
+                                 "bytes: send a shorter prompt", code="request_too_large")
+        if refusal is not None:
+            log.info("- %s %s status=%d", scope.get("method"), scope.get("path"),
+                     refusal.status_code)
+            return await refusal(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+# ------------------------------------------------------------------------------------------
+# Shared request handling
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerContext:
+    worker: GenerationWorker
+    tokenizer: Any
+    model_id: str
+    created: int
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_id:
+            raise APIError(404, f"model '{name}' is not served here: this server serves "
+                           f"'{self.model_id}' (see GET /v1/models)", param="model",
+                           code="model_not_found")
+
+
+def reject_unsupported(body: S.SamplingFields) -> None:
+    if body.n not in (None, 1):
+        raise APIError(400, f"n={body.n} is not supported: this server returns one choice per "
+                       "request; send n=1 or leave it out, and send several requests for "
+                       "several answers", param="n", code="unsupported_value")
+
+
+def sampling_params(body: S.SamplingFields, vocab_size: int) -> SamplingParams:
+    """Map the request's sampling fields to `SamplingParams` (OpenAI defaults when absent)."""
+    bias: dict[int, float] = {}
+    for key, value in (body.logit_bias or {}).items():
+        try:
+            bias[int(key)] = value
+        except ValueError:
+            raise APIError(400, f"logit_bias key {key!r} is not a token id: keys must be token "
+                           "ids written as strings, e.g. {\"50256\": -100}",
+                           param="logit_bias") from None
+    params = SamplingParams(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        logit_bias=bias,
+        seed=None if body.seed is None else body.seed % (1 << 64),
+    )
+    try:
+        return params.validate(vocab_size)
+    except MlxLlamaError as e:
+        param = next((f for f in ("logit_bias", "temperature", "top_p", "top_k", "min_p",
+                                  "repetition_penalty", "frequency_penalty", "presence_penalty")
+                      if f in str(e)), None)
+        raise APIError(400, str(e), param=param) from None
+
+
+def token_budget(ctx: ServerContext, n_prompt: int, requested: int | None, default: int | None,
+                 prompt_param: str, max_param: str) -> int:
+    """How many tokens to generate; refuses prompts and requests the context cannot hold."""
+    limit = ctx.worker.context_length
+    if n_prompt >= limit:
+        raise APIError(400, f"the prompt has {n_prompt} tokens but the model's context is "
+                       f"{limit}: shorten it", param=prompt_param, code="context_length_exceeded")
+    room = limit - n_prompt
+    if requested is None:
+        return min(default or room, room)
+    if requested > room:
+        raise APIError(400, f"{max_param}={requested} does not fit: the prompt has {n_prompt} "
+                       f"tokens and the context holds {limit}, so at most {room} can be "
+                       f"generated; lower {max_param}", param=max_param,
+                       code="context_length_exceeded")
+    return requested
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def new_job(ctx: ServerContext, prefix: str, tokens: list[int], max_tokens: int,
+            body: S.SamplingFields, top_logprobs: int | None,
+            loop: asyncio.AbstractEventLoop) -> tuple[Job, asyncio.Queue]:
+    """A job whose events land in the returned queue on `loop` (from the worker thread)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    job_ref: list[Job] = []
+
+    def emit(event) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            job_ref[0].cancel()
+
+    job = Job(id=f"{prefix}-{uuid.uuid4().hex[:24]}", tokens=tokens, max_tokens=max_tokens,
+              sampling=sampling_params(body, ctx.worker.vocab_size), emit=emit,
+              stop=stop_list(body.stop), top_logprobs=top_logprobs)
+    job_ref.append(job)
+    return job, queue
+
+
+def submit(ctx: ServerContext, job: Job) -> None:
+    try:
+        ctx.worker.submit(job)
+    except QueueFull as e:
+        raise APIError(429, f"the server is busy: {e.waiting} requests are already waiting; "
+                       f"retry in {e.retry_after} s", type="rate_limit_error",
+                       code="rate_limit_exceeded",
+                       headers={"Retry-After": str(e.retry_after)}) from None
+
+
+def usage_of(done: Finished) -> S.Usage:
+    return S.Usage(
+        prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+        total_tokens=done.prompt_tokens + done.completion_tokens,
+        prompt_tokens_details=S.PromptTokensDetails(cached_tokens=done.cached_tokens),
+    )
+
+
+def log_request(job: Job, route: str, status: int, done: Finished | None, started: float,
+                note: str = "") -> None:
+    """One line per request: id, tokens in/out, prefill and decode speed, cache use."""
+    ms = (time.perf_counter() - started) * 1000
+    if done is None:
+        log.info("%s %s status=%d in=%d %s time=%.0fms", job.id, route, status, len(job.tokens),
+                 note, ms)
+        return
+    log.info(
+        "%s %s status=%d in=%d out=%d cached=%d prefill=%.1f tok/s decode=%.1f tok/s "
+        "cache=%s finish=%s time=%.0fms", job.id, route, status, done.prompt_tokens,
+        done.completion_tokens, done.cached_tokens, done.prefill_tps, done.decode_tps,
+        "hit" if done.cached_tokens else "miss", done.finish_reason, ms)
+
+
+def error_of(failure: Failed) -> APIError:
+    if isinstance(failure.error, MlxLlamaError):
+        return APIError(400, str(failure.error))
+    return APIError(500, f"generation failed: {type(failure.error).__name__}: {failure.error}",
+                    type="server_error", code="internal_error")
+
+
+async def watch_disconnect(request: Request, ctx: ServerContext, job: Job) -> None:
+    """Cancel `job` when the client disconnects (the body has been read already, so the next
+    ASGI message can only be `http.disconnect`)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            ctx.worker.cancel(job)
+            return
+
+
+# ------------------------------------------------------------------------------------------
+# Output formats: chat and text completions differ only in how a piece is wrapped
+# ------------------------------------------------------------------------------------------
+
+
+class ChatFormat:
+    route = "chat"
+
+    def __init__(self, job: Job, model: str, want_logprobs: bool) -> None:
+        self.id, self.model, self.created = job.id, model, int(time.time())
+        self.want_logprobs = want_logprobs
+
+    def _logprobs(self, items: list[TokenLogprob]) -> S.ChatLogprobs | None:
+        if not self.want_logprobs:
+            return None
+        return S.ChatLogprobs(content=[
+            S.ChatTokenLogprob(token=i.token, logprob=i.logprob, bytes=i.bytes, top_logprobs=[
+                S.TopLogprob(token=t, logprob=v, bytes=b) for t, v, b in i.top])
+            for i in items])
+
+    def _chunk(self, choice: S.ChatChunkChoice | None, usage_null: bool, **extra) -> str:
+        chunk = S.ChatCompletionChunk(id=self.id, object="chat.completion.chunk",
+                                      created=self.created, model=self.model,
+                                      choices=[choice] if choice else [], **extra)
+        if usage_null and "usage" not in extra:
+            chunk.usage = None
+        return chunk.model_dump_json(exclude_unset=True)
+
+    def head(self, usage_null: bool) -> str | None:
+        choice = S.ChatChunkChoice(index=0, delta=S.ChatDelta(role="assistant", content=""),
+                                   finish_reason=None)
+        return self._chunk(choice, usage_null)
+
+    def piece(self, text: str, items: list[TokenLogprob], usage_null: bool) -> str:
+        choice = S.ChatChunkChoice(index=0, delta=S.ChatDelta(content=text), finish_reason=None)
+        if self.want_logprobs:
+            choice.logprobs = self._logprobs(items)
+        return self._chunk(choice, usage_null)
+
+    def tail(self, finish_reason: str, usage_null: bool) -> str:
+        choice = S.ChatChunkChoice(index=0, delta=S.ChatDelta(), finish_reason=finish_reason)
+        return self._chunk(choice, usage_null)
+
+    def usage(self, usage: S.Usage) -> str:
+        return self._chunk(None, False, usage=usage)
+
+    def whole(self, text: str, finish_reason: str, items: list[TokenLogprob],
+              usage: S.Usage) -> S.ChatCompletion:
+        return S.ChatCompletion(id=self.id, created=self.created, model=self.model, usage=usage,
+                                choices=[S.ChatChoice(
+                                    index=0, message=S.AssistantMessage(content=text),
+                                    finish_reason=finish_reason, logprobs=self._logprobs(items))])
+
+
+class CompletionFormat:
+    route = "completions"
+
+    def __init__(self, job: Job, model: str, want_logprobs: bool) -> None:
+        self.id, self.model, self.created = job.id, model, int(time.time())
+        self.want_logprobs = want_logprobs
+        self.offset = 0  # characters of completion text before the next token
+
+    def _logprobs(self, items: list[TokenLogprob]) -> S.CompletionLogprobs | None:
+        if not self.want_logprobs:
+            return None
+        offsets = []
+        for i in items:
+            offsets.append(self.offset)
+            self.offset += len(i.token)
+        return S.CompletionLogprobs(
+            tokens=[i.token for i in items], token_logprobs=[i.logprob for i in items],
+            top_logprobs=[{t: v for t, v, _ in i.top} for i in items], text_offset=offsets)
+
+    def _chunk(self, text: str, finish_reason: str | None, items: list[TokenLogprob],
+               usage_null: bool, **extra) -> str:
+        choice = S.CompletionChoice(index=0, text=text, finish_reason=finish_reason,
+                                    logprobs=self._logprobs(items))
+        chunk = S.Completion(id=self.id, object="text_completion", created=self.created,
+                             model=self.model,
+                             choices=[choice] if "usage" not in extra else [], **extra)
+        if usage_null and "usage" not in extra:
+            chunk.usage = None
+        return chunk.model_dump_json(exclude_unset=True)
+
+    def head(self, usage_null: bool) -> str | None:
+        return None
+
+    def piece(self, text: str, items: list[TokenLogprob], usage_null: bool) -> str:
+        return self._chunk(text, None, items, usage_null)
+
+    def tail(self, finish_reason: str, usage_null: bool) -> str:
+        return self._chunk("", finish_reason, [], usage_null)
+
+    def usage(self, usage: S.Usage) -> str:
+        return self._chunk("", None, [], False, usage=usage)
+
+    def whole(self, text: str, finish_reason: str, items: list[TokenLogprob],
+              usage: S.Usage) -> S.Completion:
+        return S.Completion(id=self.id, created=self.created, model=self.model, usage=usage,
+                            choices=[S.CompletionChoice(index=0, text=text,
+                                                        finish_reason=finish_reason,
+                                                        logprobs=self._logprobs(items))])
+
+
+def sse(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+class JobStream(StreamingResponse):
+    """A streamed reply that cancels its job however the response ends early: a client that
+    disconnects before the first chunk never starts the body generator, so the generator's
+    own `finally` alone would miss it."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], **kw) -> None:
+        super().__init__(content, **kw)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+async def stream_events(ctx: ServerContext, job: Job, queue: asyncio.Queue, fmt,
+                        include_usage: bool, started: float,
+                        state: dict) -> AsyncIterator[str]:
+    """Server-sent events for one job. Deltas that piled up while the client was slow are
+    sent as one chunk; if the client disconnects, Starlette cancels this generator and the
+    `finally` cancels the job."""
+    done = False
+    status = 200
+    try:
+        head = fmt.head(include_usage)
+        if head is not None:
+            yield sse(head)
+        while True:
+            events = [await queue.get()]
+            while not queue.empty() and not isinstance(events[-1], (Finished, Failed)):
+                events.append(queue.get_nowait())
+            text = "".join(e.text for e in events if isinstance(e, Delta))
+            items = [e.logprob for e in events if isinstance(e, Delta) and e.logprob is not None]
+            if text or items:
+                yield sse(fmt.piece(text, items, include_usage))
+            last = events[-1]
+            if isinstance(last, Finished):
+                yield sse(fmt.tail(last.finish_reason, include_usage))
+                if include_usage:
+                    yield sse(fmt.usage(usage_of(last)))
+                yield sse("[DONE]")
+                done = state["done"] = True
+                log_request(job, fmt.route, 200, last, started, "stream")
+                return
+            if isinstance(last, Failed):
+                err = error_of(last)
+                status = err.status
+                payload = S.ErrorResponse(error=S.ErrorDetail(
+                    message=err.message, type=err.type, param=err.param, code=err.code))
+                yield sse(payload.model_dump_json())
+                yield sse("[DONE]")
+                done = state["done"] = True
+                log_request(job, fmt.route, status, None, started, f"error={err.message!r}")
+                return
+    finally:
+        if not done:
+            state["done"] = True
+            ctx.worker.cancel(job)
+            log_request(job, fmt.route, 499, None, started, "client disconnected: cancelled")
+
+
+async def collect(request: Request, ctx: ServerContext, job: Job, queue: asyncio.Queue, fmt,
+                  started: float):
+    """Wait for the whole completion, cancelling it if the client disconnects meanwhile."""
+    watcher = asyncio.ensure_future(watch_disconnect(request, ctx, job))
+    finished = False
+    try:
+        parts: list[str] = []
+        items: list[TokenLogprob] = []
+        while True:
+            event = await queue.get()
+            if isinstance(event, Delta):
+                parts.append(event.text)
+                if event.logprob is not None:
+                    items.append(event.logprob)
+            elif isinstance(event, Finished):
+                finished = True
+                log_request(job, fmt.route, 200, event, started)
+                return fmt.whole("".join(parts), event.finish_reason, items, usage_of(event))
+            else:
+                finished = True
+                if watcher.done() or job.cancelled.is_set():
+                    log_request(job, fmt.route, 499, None, started, "client disconnected")
+                raise error_of(event)
+    finally:
+        watcher.cancel()
+        if not finished:
+            ctx.worker.cancel(job)
+
+
+async def respond(request: Request, ctx: ServerContext, job: Job, queue: asyncio.Queue, fmt,
+                  body: S.SamplingFields, started: float):
+    submit(ctx, job)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        state = {"done": False}
+
+        def on_close() -> None:
+            if not state["done"]:
+                state["done"] = True
+                ctx.worker.cancel(job)
+                log_request(job, fmt.route, 499, None, started, "client disconnected: cancelled")
+
+        return JobStream(
+            stream_events(ctx, job, queue, fmt, include_usage, started, state), on_close,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                     "X-Request-Id": job.id})
+    result = await collect(request, ctx, job, queue, fmt, started)
+    return JSONResponse(result.model_dump(), headers={"X-Request-Id": job.id})
+
+
+async def encode(fn: Callable, *args, param: str) -> list[int]:
+    """Tokenize off the event loop; template and tokenizer errors become 400s on `param`."""
+    try:
+        tokens = await run_in_threadpool(fn, *args)
+    except MlxLlamaError as e:
+        raise APIError(400, str(e), param=param) from None
+    if not tokens:
+        raise APIError(400, f"the {param} is empty: give some text", param=param)
+    return list(tokens)
+
+
+# ------------------------------------------------------------------------------------------
+# Routes
+# ------------------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+def context(request: Request) -> ServerContext:
+    return request.app.state.ctx
+
+
+@router.get("/health", response_model=S.Health)
+async def health(request: Request) -> S.Health:
+    ctx = context(request)
+    return S.Health(model=ctx.model_id, busy=ctx.worker.busy, waiting=ctx.worker.waiting)
+
+
+@router.get("/v1/models", response_model=S.ModelList)
+async def list_models(request: Request) -> S.ModelList:
+    ctx = context(request)
+    return S.ModelList(data=[S.ModelCard(id=ctx.model_id, created=ctx.created)])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=S.ModelCard)
+async def get_model(model_id: str, request: Request) -> S.ModelCard:
+    ctx = context(request)
+    ctx.check_model(model_id)
+    return S.ModelCard(id=ctx.model_id, created=ctx.created)
+
+
+@router.post("/v1/chat/completions", response_model=S.ChatCompletion)
+async def chat_completions(body: S.ChatCompletionRequest, request: Request):
+    started = time.perf_counter()
+    ctx = context(request)
+    ctx.check_model(body.model)
+    reject_unsupported(body)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true; set logprobs or drop top_logprobs",
+                       param="top_logprobs")
+    messages = [m.for_template() for m in body.messages]
+    tokens = await encode(
+        lambda: ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=True), param="messages")
+    requested, max_param = body.max_tokens, "max_tokens"
+    if body.max_completion_tokens is not None:
+        requested, max_param = body.max_completion_tokens, "max_completion_tokens"
+    max_tokens = token_budget(ctx, len(tokens), requested, None, "messages", max_param)
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    job, queue = new_job(ctx, "chatcmpl", tokens, max_tokens, body, top,
+                         asyncio.get_running_loop())
+    fmt = ChatFormat(job, ctx.model_id, bool(body.logprobs))
+    return await respond(request, ctx, job, queue, fmt, body, started)
+
+
+def completion_prompt(ctx: ServerContext, prompt) -> str | list[int]:
+    """The one prompt of a completions request: text or token ids (batches are refused)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise APIError(400, f"{len(prompt)} prompts in one request are not supported: "
+                           "send one prompt per request", param="prompt",
+                           code="unsupported_value")
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        vocab = ctx.worker.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"prompt token id {bad} is outside the vocabulary "
+                           f"(0..{vocab - 1})", param="prompt")
+    return prompt
+
+
+@router.post("/v1/completions", response_model=S.Completion)
+async def completions(body: S.CompletionRequest, request: Request):
+    started = time.perf_counter()
+    ctx = context(request)
+    ctx.check_model(body.model)
+    reject_unsupported(body)
+    if body.echo:
+        raise APIError(400, "echo=true is not supported: leave it out and prepend the prompt "
+                       "yourself", param="echo", code="unsupported_value")
+    if body.suffix:
+        raise APIError(400, "suffix is not supported by this server: leave it out",
+                       param="suffix", code="unsupported_value")
+    prompt = completion_prompt(ctx, body.prompt)
+    if isinstance(prompt, str) and not prompt:
+        raise APIError(400, "the prompt is empty: give some text", param="prompt")
+    if isinstance(prompt, str):
+        tokens = await encode(ctx.tokenizer.encode, prompt, param="prompt")
+    elif prompt:
+        tokens = list(prompt)
+    else:
+        raise APIError(400, "the prompt is empty: give some text", param="prompt")
+    max_tokens = token_budget(ctx, len(tokens), body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS,
+                              "prompt", "max_tokens")
+    job, queue = new_job(ctx, "cmpl", tokens, max_tokens, body, body.logprobs,
+                         asyncio.get_running_loop())
+    fmt = CompletionFormat(job, ctx.model_id, body.logprobs is not None)
+    return await respond(request, ctx, job, queue, fmt, body, started)
+
+
+# ------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------
+
+VALIDATION_CODES = {
+    "missing": "missing_required_parameter",
+    "extra_forbidden": "unknown_parameter",
+    "json_invalid": "invalid_json",
+}
+
+
+def validation_error(exc: RequestValidationError) -> JSONResponse:
+    """The first problem pydantic found, as one line naming the field."""
+    errors = exc.errors() or [{"type": "invalid", "loc": (), "msg": "invalid request"}]
+    # A value that fits no branch of a union fails once per branch; the deepest failure
+    # (e.g. `messages.0.content.0.type` rather than "not a string") is the informative one.
+    field = tuple(errors[0].get("loc", ()))[:2]
+    first = max((e for e in errors if tuple(e.get("loc", ()))[:2] == field),
+                key=lambda e: len(e.get("loc", ())))
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # Drop union-branch labels pydantic adds ("str", "list[str]", "function-after[...]").
+    param = ".".join(p for p in loc if not any(c in p for c in "[](") and p not in
+                     ("str", "int", "float", "bool", "list", "dict")) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        message = f"the request body is not valid JSON ({detail}): send a JSON object"
+        param = None
+    elif kind == "extra_forbidden":
+        message = (f"unknown parameter '{param}': this server does not support it; "
+                   "remove it from the request")
+    elif kind == "missing":
+        message = f"missing required parameter '{param}'"
+    elif kind == "model_attributes_type" or (not loc and kind.endswith("_type")):
+        message = ("the request body must be a JSON object, sent with "
+                   "'Content-Type: application/json'")
+    else:
+        message = f"invalid '{param}': {first.get('msg', 'invalid value')}"
+    code = VALIDATION_CODES.get(kind, "invalid_type" if kind.endswith("_type") else "invalid_value")
+    return error_json(400, message, param=param, code=code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError):
+        response = validation_error(exc)
+        log.info("- %s %s status=400 %s", request.method, request.url.path,
+                 json.loads(response.body)["error"]["message"])
+        return response
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, exc: APIError):
+        log.info("- %s %s status=%d %s", request.method, request.url.path, exc.status,
+                 exc.message)
+        return error_json(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(MlxLlamaError)
+    async def on_user_error(request: Request, exc: MlxLlamaError):
+        log.info("- %s %s status=400 %s", request.method, request.url.path, exc)
+        return error_json(400, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException):
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = (f"no route {request.method} {request.url.path}: this server offers "
+                       "/v1/models, /v1/chat/completions, /v1/completions and /health")
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        log.info("- %s %s status=%d", request.method, request.url.path, exc.status_code)
+        return error_json(exc.status_code, message, code=None, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_json(500, f"internal error: {type(exc).__name__}: {exc}",
+                          type="server_error", code="internal_error")
+
+
+# ------------------------------------------------------------------------------------------
+# The app
+# ------------------------------------------------------------------------------------------
+
+
+def create_app(worker: GenerationWorker, tokenizer, *, model_id: str,
+               api_key: str | None = None, stop_worker_on_shutdown: bool = False) -> FastAPI:
+    """The ASGI app serving `worker`'s model (the worker must already be started)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if stop_worker_on_shutdown:
+            await run_in_threadpool(worker.stop)
+
+    app = FastAPI(title="mlx-llama", description="OpenAI-compatible local server",
+                  lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ctx = ServerContext(worker, tokenizer, model_id, int(time.time()))
+    app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(GateMiddleware, api_key=api_key)
+    return app

@@ -1,0 +1,390 @@
+"""The one thread that owns the model and runs every generation, one request at a time.
+
+MLX evaluates a graph on the calling thread, and a model's KV caches and the random state are
+plain shared objects: two requests stepping the model from different threads would interleave
+their work and their random draws. So exactly one thread loads the model and runs all
+forward passes; HTTP handlers only enqueue `Job`s and read the events a job emits.
+
+- Requests wait in a FIFO queue bounded by `max_queue`; a full queue is refused at once
+  (`QueueFull`) rather than left to time out, so clients can back off.
+- A job emits events through a callback the submitter provides. The server's callback hands
+  them to the asyncio loop with `loop.call_soon_threadsafe`, so the loop never waits on the
+  model and the worker never waits on a slow client.
+- `Job.cancel()` (a client went away) is checked before every token and between prefill
+  chunks, so a cancelled job stops at its next token and the next job starts right after.
+- Finished jobs leave a `JobRecord` (timings, token counts, cache use, how cancellation went)
+  in `worker.records`: the server logs it and tests inspect it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+
+from ..errors import MlxLlamaError
+from ..generate import stream_generate
+from ..sampling import SamplingParams
+from .prefix_cache import PrefixCacheStore
+
+log = logging.getLogger("mlx_llama.server")
+
+
+class QueueFull(Exception):
+    """Raised by `submit` when `max_queue` requests are already waiting."""
+
+    def __init__(self, waiting: int, retry_after: int) -> None:
+        super().__init__(f"{waiting} requests are already waiting")
+        self.waiting = waiting
+        self.retry_after = retry_after
+
+
+class Cancelled(Exception):
+    """Raised inside the worker to abandon a job whose client has gone."""
+
+
+# ------------------------------------------------------------------------------------------
+# Events a job emits (worker thread -> submitter)
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, float, list[int]]]
+
+
+@dataclass
+class Delta:
+    """New text (possibly empty: held back by the detokenizer or a possible stop string)."""
+
+    text: str
+    token: int
+    logprob: TokenLogprob | None = None
+
+
+@dataclass
+class Finished:
+    finish_reason: str  # "stop", "length" or "cancelled"
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    prefill_tps: float
+    decode_tps: float
+
+
+@dataclass
+class Failed:
+    error: BaseException
+
+
+Event = Delta | Finished | Failed
+
+
+# ------------------------------------------------------------------------------------------
+# Jobs
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One generation request, already tokenized and validated."""
+
+    id: str
+    tokens: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    emit: Callable[[Event], None]
+    stop: list[str] = field(default_factory=list)
+    top_logprobs: int | None = None  # None: no logprobs; k: the chosen token plus k alternatives
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    tokens_generated: int = 0
+    tokens_at_cancel: int | None = None  # tokens generated when cancel() was called
+    cancel_requested_at: float | None = None
+
+    def cancel(self) -> None:
+        """Ask the worker to stop this job at its next token (safe from any thread)."""
+        if not self.cancelled.is_set():
+            self.tokens_at_cancel = self.tokens_generated
+            self.cancel_requested_at = time.perf_counter()
+            self.cancelled.set()
+
+
+@dataclass
+class JobRecord:
+    """What happened to a job, for the request log and for tests."""
+
+    id: str
+    prompt_tokens: int
+    cached_tokens: int = 0
+    prefilled_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
+    cache: str = "miss"  # how the prompt cache was found: miss, move or fork
+    finish_reason: str | None = None
+    enqueued_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    tokens_after_cancel: int | None = None  # tokens made between cancel() and the worker noticing
+    error: str | None = None
+
+
+# ------------------------------------------------------------------------------------------
+# The worker
+# ------------------------------------------------------------------------------------------
+
+
+class GenerationWorker:
+    """Loads the model on its own thread and runs queued jobs there, in order.
+
+    `load_model` is called on the worker thread and returns the model; the tokenizer is
+    shared with the HTTP side (encoding there, decoding here), which both tokenizer
+    backends allow.
+    """
+
+    def __init__(
+        self,
+        load_model: Callable[[], object],
+        tokenizer,
+        *,
+        max_queue: int = 16,
+        prompt_cache_bytes: int = 2 << 30,
+        history: int = 256,
+    ) -> None:
+        self._load_model = load_model
+        self.tokenizer = tokenizer
+        self.max_queue = max_queue
+        self.prompt_cache_bytes = prompt_cache_bytes
+        self.model = None
+        self.prefix_cache: PrefixCacheStore | None = None
+        self.current: Job | None = None
+        self.records: collections.deque[JobRecord] = collections.deque(maxlen=history)
+        self._queue: collections.deque[Job] = collections.deque()
+        self._pending: dict[str, JobRecord] = {}
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self._recent_seconds: collections.deque[float] = collections.deque(maxlen=16)
+        self._thread = threading.Thread(target=self._main, name="mlx-llama-worker", daemon=True)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> "GenerationWorker":
+        """Start the thread and wait until the model is loaded; load errors are re-raised."""
+        self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel everything and end the thread."""
+        with self._cond:
+            self._stopping = True
+            waiting = list(self._queue)
+            self._queue.clear()
+            if self.current is not None:
+                self.current.cancel()
+            self._cond.notify_all()
+        for job in waiting:
+            self._safe_emit(job, Failed(MlxLlamaError("the server is shutting down; retry later")))
+        self._thread.join(timeout)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    # -- queue -----------------------------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None
+
+    def submit(self, job: Job) -> None:
+        """Queue `job` (FIFO). Raises `QueueFull` when `max_queue` jobs are already waiting."""
+        with self._cond:
+            if self._stopping:
+                raise MlxLlamaError("the server is shutting down; retry later")
+            idle = self.current is None and not self._queue
+            if not idle and len(self._queue) >= self.max_queue:
+                raise QueueFull(len(self._queue), self._retry_after(len(self._queue)))
+            self._pending[job.id] = JobRecord(job.id, len(job.tokens),
+                                              enqueued_at=time.perf_counter())
+            self._queue.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Cancel `job`: drop it from the queue if it has not started, else stop it."""
+        job.cancel()
+        with self._cond:
+            if job in self._queue:
+                self._queue.remove(job)
+                record = self._pending.pop(job.id)
+                record.finish_reason = "cancelled"
+                record.finished_at = time.perf_counter()
+                self.records.append(record)
+
+    def _retry_after(self, waiting: int) -> int:
+        """Seconds until a slot is likely free: the recent mean job time times the jobs ahead."""
+        mean = sum(self._recent_seconds) / len(self._recent_seconds) if self._recent_seconds else 1
+        return max(1, round(mean * (waiting + 1)))
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self.model = self._load_model()
+            self.prefix_cache = PrefixCacheStore(self.model.make_cache, self.prompt_cache_bytes)
+        except BaseException as e:  # noqa: BLE001 - handed to start()
+            self._load_error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job = self._queue.popleft()
+                record = self._pending.pop(job.id)
+                self.current = job
+            try:
+                self._run(job, record)
+            finally:
+                with self._cond:
+                    self.current = None
+                    record.finished_at = time.perf_counter()
+                    self.records.append(record)
+                    if record.started_at is not None:
+                        self._recent_seconds.append(record.finished_at - record.started_at)
+
+    def _run(self, job: Job, record: JobRecord) -> None:
+        record.started_at = time.perf_counter()
+        if job.cancelled.is_set():
+            record.finish_reason = "cancelled"
+            record.tokens_after_cancel = 0
+            return
+        checkout = self.prefix_cache.checkout(job.tokens)
+        record.cache = checkout.how
+        cache, keep = checkout.cache, True
+
+        def on_prefill(done: int, total: int) -> None:
+            if job.cancelled.is_set():
+                raise Cancelled()
+
+        try:
+            finished = None
+            for r in stream_generate(
+                self.model, self.tokenizer, job.tokens, job.max_tokens,
+                sampling=job.sampling, stop=job.stop, cache=cache,
+                logprobs=job.top_logprobs is not None, prefill_progress=on_prefill,
+            ):
+                job.tokens_generated = r.generation_tokens
+                if r.generation_tokens == 1:
+                    record.cached_tokens = r.cached_tokens
+                    record.prefilled_tokens = r.prompt_tokens - r.cached_tokens
+                    record.prefill_tps = r.prompt_tps
+                if job.cancelled.is_set():
+                    record.tokens_after_cancel = r.generation_tokens - (job.tokens_at_cancel or 0)
+                    raise Cancelled()
+                record.completion_tokens = r.generation_tokens
+                record.decode_tps = r.generation_tps
+                lp = self._logprob(r.token, r.logprobs, job.top_logprobs) if r.logprobs is not None else None
+                job.emit(Delta(r.text, r.token, lp))
+                if r.finish_reason is not None:
+                    finished = Finished(r.finish_reason, r.prompt_tokens, r.cached_tokens,
+                                        r.generation_tokens, r.prompt_tps, r.generation_tps)
+            record.finish_reason = finished.finish_reason
+            job.emit(finished)
+        except Cancelled:
+            record.finish_reason = "cancelled"
+            if record.tokens_after_cancel is None:
+                record.tokens_after_cancel = 0
+            self._safe_emit(job, Failed(MlxLlamaError("the request was cancelled")))
+        except MlxLlamaError as e:
+            record.finish_reason, record.error = "error", str(e)
+            self._safe_emit(job, Failed(e))
+        except Exception as e:  # a bug or an MLX failure: keep serving, drop the suspect cache
+            keep = False
+            log.exception("generation failed for %s", job.id)
+            record.finish_reason, record.error = "error", f"{type(e).__name__}: {e}"
+            self._safe_emit(job, Failed(e))
+        finally:
+            if keep:
+                self.prefix_cache.checkin(cache, len(job.tokens))
+
+    def _safe_emit(self, job: Job, event: Event) -> None:
+        try:
+            job.emit(event)
+        except Exception:  # the receiver is gone (e.g. its loop closed): nothing to tell
+            job.cancel()
+
+    def _logprob(self, token: int, logprobs: mx.array, k: int) -> TokenLogprob:
+        """The chosen token's log-probability and the `k` most likely alternatives."""
+        chosen = logprobs[token]
+        if k > 0:
+            top_ids = mx.argpartition(-logprobs, k - 1)[:k]
+            top_vals = logprobs[top_ids]
+            mx.eval(chosen, top_ids, top_vals)
+            pairs = sorted(zip(top_ids.tolist(), top_vals.tolist()), key=lambda p: -p[1])
+        else:
+            pairs = []
+        text = self.token_text(token)
+        return TokenLogprob(
+            token=text, logprob=float(chosen.item()), bytes=list(text.encode("utf-8")),
+            top=[(self.token_text(i), v, list(self.token_text(i).encode("utf-8")))
+                 for i, v in pairs],
+        )
+
+    def token_text(self, token: int) -> str:
+        return _token_text(self.tokenizer, token)
+
+
+@lru_cache(maxsize=65536)
+def _token_text_cached(tokenizer, token: int) -> str:
+    text = tokenizer.decode([token])
+    raw = tokenizer.id_to_token(token) or ""
+    # Decoding one token drops a word-initial space ("▁the" / "Ġthe" -> "the"); keep it.
+    if raw[:1] in ("\u2581", "\u0120") and not text.startswith(" "):
+        text = " " + text
+    return text
+
+
+def _token_text(tokenizer, token: int) -> str:
+    try:
+        return _token_text_cached(tokenizer, int(token))
+    except TypeError:  # an unhashable tokenizer
+        return tokenizer.decode([int(token)])
+
+
+def load_model_fn(folder: Path) -> Callable[[], object]:
+    """A loader for `GenerationWorker` that reads an MLX (or Hugging Face) model folder."""
+
+    def load():
+        from ..loading import load_model
+
+        model, _ = load_model(folder)
+        return model
+
+    return load
