@@ -210,10 +210,17 @@ def quantization_block(quantized: dict[str, str]) -> dict | None:
     return block
 
 
-def _torch_dtype(header: GGUFHeader) -> str:
-    """float32 only for a file whose matrices are all F32; quantized scales are float16."""
-    matrices = [t.type_name for t in header.tensors.values() if len(t.shape) > 1]
-    return "float32" if matrices and all(t == "F32" for t in matrices) else "float16"
+def _torch_dtype(header: GGUFHeader) -> str | None:
+    """The dtype to declare in config.json, or None to declare none.
+
+    The converter casts every unquantized tensor to the declared dtype, so declaring one is
+    only lossless when all of them already have it. SmolLM2's (F32 norms, all else quantized)
+    says float32; an F16 file with F32 norms declares nothing, and each tensor keeps its type.
+    """
+    plain = {t.type_name for t in header.tensors.values() if t.type_name in PLAIN_TYPES}
+    if len(plain) != 1:
+        return None
+    return {"F32": "float32", "F16": "float16"}[plain.pop()]
 
 
 def _describe_types(header: GGUFHeader) -> str:

@@ -46,7 +46,7 @@ def build_config(
     vocab_size: int,
     tied: bool,
     attention_bias: bool,
-    torch_dtype: str,
+    torch_dtype: str | None,
     rope_freqs: np.ndarray | None,
 ) -> dict[str, Any]:
     """config.json content for the model a GGUF describes (see module docstring)."""
@@ -76,8 +76,9 @@ def build_config(
         "tie_word_embeddings": tied,
         "attention_bias": attention_bias,
         "mlp_bias": False,
-        "torch_dtype": torch_dtype,
     }
+    if torch_dtype is not None:
+        config["torch_dtype"] = torch_dtype
     for field, meta_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                             ("pad_token_id", "padding_token_id")):
         if f"tokenizer.ggml.{meta_key}" in md:

@@ -11,7 +11,9 @@ the name of the pre-tokenizer the vocabulary was trained with. We assemble those
   ("llama-bpe") uses its own regex. An unknown name is refused rather than guessed.
 * `llama` vocabularies are SentencePiece BPE: spaces become "▁", one is prepended to the
   text, unknown characters fall back to <0xNN> byte tokens, and the merge order follows the
-  scores (SentencePiece merges the best-scoring pair first).
+  scores (SentencePiece merges the best-scoring pair first). This encodes exactly as
+  sentencepiece and llama.cpp do; transformers' GGUF loader differs only on text that starts
+  with a space (it prepends no second "▁") and right after a special token (no "▁" there).
 
 Token kinds follow llama.cpp: 2 unknown, 3 control (special, e.g. <|im_end|>), 4 user-defined
 (kept whole but not special), 6 byte.
@@ -24,7 +26,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from mlx_llama.errors import MlxLlamaError
 
@@ -128,9 +130,6 @@ def tokenizer_files(md: dict[str, Any], name: str, context_length: int) -> dict[
         "model_max_length": context_length,
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
-    if kind == "llama":
-        config["legacy"] = False
-        config["add_prefix_space"] = _add_space_prefix(md)
     files = {"tokenizer.json": tokenizer.to_str(pretty=True)}
     template = md.get("tokenizer.chat_template")
     if template:
@@ -187,11 +186,11 @@ def sentencepiece_tokenizer(md: dict[str, Any], tokens: list[str], types: np.nda
         models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
     )
     prefix = _add_space_prefix(md)
-    # "first": a space is prepended to the text, not after every special token (SentencePiece
-    # sees only the text between special tokens as one piece in its own tokenizer).
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first" if prefix else "never", split=False
-    )
+    # As SentencePiece (and llama.cpp, and Llama 2's own tokenizer.json): every space becomes
+    # "▁" and one "▁" is prepended to each stretch of text, even one that already starts with a
+    # space; the pieces are then found in the whole stretch, with no splitting beforehand.
+    to_meta = normalizers.Replace(" ", "▁")
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), to_meta]) if prefix else to_meta
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
