@@ -1,0 +1,570 @@
+"""The OpenAI-compatible server, driven through the official `openai` client and raw HTTP.
+
+One tiny random model (SentencePiece tokenizer, a ChatML template written into its
+tokenizer_config.json, an 8k context so generations can run long) is served by uvicorn on a
+free loopback port, in a thread of the test process, so tests can look at the worker's
+records. Random weights make gibberish, which is fine: every check compares the server with
+itself (streamed vs not, concurrent vs sequential) or with the in-process API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from conftest import make_hf_checkpoint  # noqa: E402
+from mlx_llama.cache import PromptCache  # noqa: E402
+from mlx_llama.generate import stream_generate  # noqa: E402
+from mlx_llama.server.app import create_app  # noqa: E402
+from mlx_llama.server.prefix_cache import PrefixCacheStore, allocated_bytes  # noqa: E402
+from mlx_llama.server.worker import GenerationWorker, load_model_fn  # noqa: E402
+
+API_KEY = "sk-test-key"
+MODEL_ID = "tiny-chat"
+EOS = 2
+NO_EOS = {str(EOS): -100}  # random weights may pick EOS at any step; tests want fixed lengths
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# ------------------------------------------------------------------------------------------
+# Fixtures
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory, sp_model_file) -> Path:
+    folder = make_hf_checkpoint(tmp_path_factory.mktemp("server") / "tiny-chat", sp_model_file,
+                                seed=11, max_position_embeddings=8192)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = CHATML
+    config_path.write_text(json.dumps(config))
+    return folder
+
+
+class RunningServer:
+    def __init__(self, folder: Path, **worker_kw) -> None:
+        from mlx_llama.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(folder)
+        self.worker = GenerationWorker(load_model_fn(folder), self.tokenizer, **worker_kw).start()
+        app = create_app(self.worker, self.tokenizer, model_id=MODEL_ID, api_key=API_KEY)
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says
+        # TCP, and without it every keep-alive request waits out a 40 ms delayed ACK.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                       daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+
+    def client(self, **kw) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, **kw)
+
+    def record(self, request_id: str):
+        for _ in range(200):  # the worker files its record right after the last event
+            found = [r for r in self.worker.records if r.id == request_id]
+            if found:
+                return found[0]
+            time.sleep(0.01)
+        raise AssertionError(f"no worker record for {request_id}")
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.worker.stop()
+
+
+@pytest.fixture(scope="module")
+def server(chat_model_dir):
+    running = RunningServer(chat_model_dir, max_queue=8, prompt_cache_bytes=64 << 20)
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=30,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        yield c
+
+
+def chat(client, content, **kw):
+    messages = content if isinstance(content, list) else [{"role": "user", "content": content}]
+    return client.chat.completions.create(model=MODEL_ID, messages=messages, **kw)
+
+
+def streamed_chat(client, content, **kw):
+    """(text, finish_reason, usage) of a streamed chat completion."""
+    stream = chat(client, content, stream=True, stream_options={"include_usage": True}, **kw)
+    text, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    return "".join(text), finish, usage
+
+
+def streamed_completion(client, prompt, **kw):
+    stream = client.completions.create(model=MODEL_ID, prompt=prompt, stream=True,
+                                       stream_options={"include_usage": True}, **kw)
+    text, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text.append(choice.text)
+            finish = choice.finish_reason or finish
+    return "".join(text), finish, usage
+
+
+def printable_stop(text: str, start: int = 6) -> str:
+    """A short plain-ASCII piece from the middle of `text`, to use as a stop string."""
+    for i in range(start, len(text) - 2):
+        piece = text[i : i + 2]
+        if piece.isascii() and piece.isprintable() and piece.strip() == piece:
+            return piece
+    pytest.skip("no printable piece in the generated text to stop on")
+
+
+# ------------------------------------------------------------------------------------------
+# The openai client: chat and completions, streamed and not, stop strings and seeds
+# ------------------------------------------------------------------------------------------
+
+
+def test_models_and_health(server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL_ID]
+    health = httpx.get(f"{server.url}/health")  # no key needed
+    assert health.status_code == 200 and health.json()["model"] == MODEL_ID
+
+
+def test_chat_streamed_equals_unstreamed_with_seed(client):
+    kw = dict(max_tokens=24, temperature=0.9, top_p=0.95, seed=1234, logit_bias=NO_EOS)
+    whole = chat(client, "Tell me about llamas.", **kw)
+    text, finish, usage = streamed_chat(client, "Tell me about llamas.", **kw)
+    assert whole.object == "chat.completion" and whole.model == MODEL_ID
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == text
+    assert whole.choices[0].finish_reason == finish == "length"
+    assert whole.usage.completion_tokens == usage.completion_tokens == 24
+    assert whole.usage.prompt_tokens == usage.prompt_tokens
+    assert usage.total_tokens == usage.prompt_tokens + 24
+    # The same seed again gives the same text; another seed (almost surely) does not.
+    again = chat(client, "Tell me about llamas.", **kw)
+    assert again.choices[0].message.content == text
+    other = chat(client, "Tell me about llamas.", **{**kw, "seed": 99})
+    assert other.choices[0].message.content != text
+
+
+def test_completion_streamed_equals_unstreamed_with_seed(client):
+    kw = dict(max_tokens=20, temperature=0.8, seed=7, logit_bias=NO_EOS,
+              extra_body={"top_k": 50})
+    whole = client.completions.create(model=MODEL_ID, prompt="Llamas are", **kw)
+    text, finish, usage = streamed_completion(client, "Llamas are", **kw)
+    assert whole.object == "text_completion"
+    assert whole.choices[0].text == text
+    assert whole.choices[0].finish_reason == finish == "length"
+    assert whole.usage.completion_tokens == usage.completion_tokens == 20
+
+
+def test_completion_matches_in_process_generation(server, client, chat_model_dir):
+    """The HTTP path adds nothing: the same text as `stream_generate` on the same model."""
+    from mlx_llama.loading import load_model
+
+    model, _ = load_model(chat_model_dir)
+    expected = "".join(r.text for r in stream_generate(
+        model, server.tokenizer, server.tokenizer.encode("Their wool is"), 16, temperature=0,
+        logit_bias={EOS: -100}))
+    got = client.completions.create(model=MODEL_ID, prompt="Their wool is", max_tokens=16,
+                                    temperature=0, logit_bias=NO_EOS)
+    assert got.choices[0].text == expected
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_stop_strings(client, streamed):
+    kw = dict(max_tokens=40, temperature=0, logit_bias=NO_EOS)
+    full = chat(client, "Count the llamas.", **kw).choices[0].message.content
+    stop = printable_stop(full)
+    expected = full[: full.find(stop)]
+    if streamed:
+        text, finish, usage = streamed_chat(client, "Count the llamas.", stop=[stop, "@@@@"], **kw)
+    else:
+        reply = chat(client, "Count the llamas.", stop=stop, **kw)
+        text, finish = reply.choices[0].message.content, reply.choices[0].finish_reason
+    assert text == expected
+    assert finish == "stop"
+
+
+def test_completion_stop_string(client):
+    kw = dict(max_tokens=30, temperature=0, logit_bias=NO_EOS)
+    full = client.completions.create(model=MODEL_ID, prompt="Llamas can", **kw).choices[0].text
+    stop = printable_stop(full)
+    reply = client.completions.create(model=MODEL_ID, prompt="Llamas can", stop=stop, **kw)
+    assert reply.choices[0].text == full[: full.find(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_logprobs(client, http):
+    reply = chat(client, "Hi", max_tokens=5, temperature=0, logit_bias=NO_EOS, logprobs=True,
+                 top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == 5
+    for item in content:
+        assert len(item.top_logprobs) == 3
+        assert item.logprob <= 0
+        # Greedy: the chosen token is the most likely one.
+        assert item.logprob == pytest.approx(item.top_logprobs[0].logprob, abs=1e-5)
+    assert "".join(i.token for i in content).strip() == reply.choices[0].message.content.strip()
+    legacy = client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=4, temperature=0,
+                                       logprobs=2, logit_bias=NO_EOS)
+    lp = legacy.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert all(len(t) <= 2 for t in lp.top_logprobs)
+
+
+def test_max_completion_tokens_and_penalties(client):
+    reply = chat(client, "Go on.", max_completion_tokens=6, temperature=0.7, seed=3,
+                 presence_penalty=1.5, frequency_penalty=1.0, logit_bias=NO_EOS,
+                 extra_body={"min_p": 0.01, "top_k": 40, "repetition_penalty": 1.1})
+    assert reply.usage.completion_tokens == 6
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_eos_gives_finish_reason_stop(client):
+    reply = chat(client, "Stop now.", max_tokens=50, temperature=0, logit_bias={str(EOS): 100})
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == 1
+
+
+# ------------------------------------------------------------------------------------------
+# One worker: concurrent clients, disconnects, a full queue
+# ------------------------------------------------------------------------------------------
+
+
+def _request(server, i: int):
+    """Request i of a mixed batch: chat or completion, streamed or not, each its own seed."""
+    client = server.client()
+    kw = dict(max_tokens=12 + 3 * i, temperature=0.9, seed=100 + i, logit_bias=NO_EOS)
+    if i % 2 == 0:
+        if i % 4 == 0:
+            text, finish, usage = streamed_chat(client, f"Question {i} about llamas", **kw)
+            return text, finish, usage.completion_tokens
+        r = chat(client, f"Question {i} about llamas", **kw)
+        return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+    if i % 4 == 1:
+        text, finish, usage = streamed_completion(client, f"Llamas number {i}", **kw)
+        return text, finish, usage.completion_tokens
+    r = client.completions.create(model=MODEL_ID, prompt=f"Llamas number {i}", **kw)
+    return r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
+
+
+def test_four_concurrent_clients_match_sequential(server):
+    sequential = [_request(server, i) for i in range(4)]
+    first = len(server.worker.records)
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(lambda i: _request(server, i), range(4)))
+    assert concurrent == sequential
+    for i, (_, finish, n) in enumerate(concurrent):
+        assert finish == "length" and n == 12 + 3 * i
+    # One forward pass at a time: the worker's jobs never overlap.
+    jobs = sorted(list(server.worker.records)[first:], key=lambda r: r.started_at)
+    assert len(jobs) == 4
+    for a, b in zip(jobs, jobs[1:]):
+        assert a.finished_at <= b.started_at
+
+
+def _wait_for(predicate, timeout=10.0):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_disconnect_mid_stream_frees_the_worker(server, http, client):
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Talk forever."}],
+            "max_tokens": 6000, "temperature": 0, "stream": True, "logit_bias": NO_EOS}
+    with http.stream("POST", "/v1/chat/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        first = json.loads(next(line for line in lines if line.startswith("data:"))[5:])
+        long_id = first["id"]
+        while server.worker.current is None or server.worker.current.tokens_generated < 5:
+            time.sleep(0.002)
+        # A second request waits behind the long one...
+        waiting = ThreadPoolExecutor(1).submit(
+            chat, client, "Next please", max_tokens=4, temperature=0, logit_bias=NO_EOS)
+        _wait_for(lambda: server.worker.waiting == 1)
+    # ...and the client hangs up: the long job stops at its next token and the waiting
+    # request runs.
+    reply = waiting.result(timeout=30)
+    assert reply.usage.completion_tokens == 4
+    cancelled = server.record(long_id)
+    nxt = server.record(reply.id)
+    assert cancelled.finish_reason == "cancelled"
+    assert cancelled.completion_tokens < 6000
+    assert cancelled.tokens_after_cancel is not None and cancelled.tokens_after_cancel <= 1
+    assert nxt.started_at >= cancelled.finished_at
+    assert not server.worker.busy
+
+
+def test_non_streamed_disconnect_cancels(server):
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Long answer."}],
+            "max_tokens": 6000, "temperature": 0, "logit_bias": NO_EOS}
+    first = len(server.worker.records)
+
+    def post():
+        try:
+            httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=0.5,
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+        except httpx.TimeoutException:
+            pass  # the client gives up and closes the connection
+
+    post()
+    _wait_for(lambda: len(server.worker.records) > first and not server.worker.busy)
+    record = list(server.worker.records)[first]
+    assert record.finish_reason == "cancelled"
+    assert record.completion_tokens < 6000 and record.tokens_after_cancel <= 1
+
+
+def test_full_queue_gets_429_with_retry_after(server, http):
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hold the line."}],
+            "max_tokens": 6000, "temperature": 0, "stream": True, "logit_bias": NO_EOS}
+    saved = server.worker.max_queue
+    server.worker.max_queue = 1
+    try:
+        with http.stream("POST", "/v1/chat/completions", json=body) as running, \
+                http.stream("POST", "/v1/chat/completions", json=body) as queued:
+            assert running.status_code == queued.status_code == 200
+            _wait_for(lambda: server.worker.waiting == 1)
+            refused = http.post("/v1/chat/completions", json={**body, "stream": False})
+            assert refused.status_code == 429
+            assert int(refused.headers["Retry-After"]) >= 1
+            error = refused.json()["error"]
+            assert error["code"] == "rate_limit_exceeded" and error["message"]
+    finally:
+        server.worker.max_queue = saved
+    _wait_for(lambda: not server.worker.busy and server.worker.waiting == 0)
+    ok = http.post("/v1/completions", json={"model": MODEL_ID, "prompt": "ok", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+# ------------------------------------------------------------------------------------------
+# Prefix reuse
+# ------------------------------------------------------------------------------------------
+
+
+def test_second_turn_reuses_the_first_turns_cache(server, client):
+    kw = dict(max_tokens=10, temperature=0, logit_bias=NO_EOS)
+    system = {"role": "system", "content": "You are a llama expert. " * 6}
+    turn1 = [system, {"role": "user", "content": "Where do llamas live?"}]
+    first = chat(client, turn1, **kw)
+    turn2 = turn1 + [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "And what do they eat?"}]
+    second = chat(client, turn2, **kw)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens
+    record = server.record(second.id)
+    assert record.cache == "move"
+    assert record.cached_tokens == cached
+    assert record.prefilled_tokens == second.usage.prompt_tokens - cached
+
+    # Another conversation with the same system prompt shares only that prefix (a fork)...
+    other = chat(client, [system, {"role": "user", "content": "Are alpacas llamas?"}], **kw)
+    assert 0 < other.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens
+    assert server.record(other.id).cache == "fork"
+    # ...and the first conversation's cache is still whole for its third turn.
+    turn3 = turn2 + [{"role": "assistant", "content": second.choices[0].message.content},
+                     {"role": "user", "content": "Thanks."}]
+    third = chat(client, turn3, **kw)
+    assert third.usage.prompt_tokens_details.cached_tokens >= second.usage.prompt_tokens
+
+
+def test_prefix_store_evicts_least_recently_used(chat_model_dir):
+    from mlx_llama.loading import load_model
+    from mlx_llama.tokenizer import load_tokenizer
+
+    model, _ = load_model(chat_model_dir)
+    tok = load_tokenizer(chat_model_dir)
+
+    def filled(prompt: str) -> PromptCache:
+        cache = PromptCache(model.make_cache)
+        list(stream_generate(model, tok, tok.encode(prompt), 3, temperature=0, cache=cache))
+        return cache
+
+    a, b, c = filled("alpha " * 20), filled("beta " * 20), filled("gamma " * 20)
+    size = allocated_bytes(a)
+    store = PrefixCacheStore(model.make_cache, budget_bytes=2 * size)
+    store.checkin(a, 20)
+    store.checkin(b, 20)
+    assert len(store) == 2
+    hit = store.checkout(tok.encode("alpha " * 20 + "more"))  # a moves out, then comes back
+    assert hit.how == "move" and hit.cache is a
+    store.checkin(a, 20)
+    store.checkin(c, 20)  # over budget: b is now the least recently used
+    assert len(store) == 2 and store.nbytes <= 2 * size
+    assert all(entry.cache is not b for entry in store.entries.values())
+    assert store.checkout(tok.encode("beta " * 20)).matched <= 1  # at most the BOS, via a
+    assert PrefixCacheStore(model.make_cache, 0).checkout([1, 2, 3]).how == "miss"
+
+
+# ------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------
+
+GOOD_CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}]}
+BAD_REQUESTS = [
+    # (description, path, body (dict, or bytes sent raw), status, param)
+    ("malformed JSON", "/v1/chat/completions", b'{"model": "tiny-chat", "messages": [', 400, None),
+    ("not an object", "/v1/chat/completions", b"[1, 2, 3]", 400, None),
+    ("empty body", "/v1/completions", b"", 400, None),
+    ("unknown field", "/v1/chat/completions", {**GOOD_CHAT, "tools": []}, 400, "tools"),
+    ("wrong type", "/v1/chat/completions", {**GOOD_CHAT, "temperature": "hot"}, 400,
+     "temperature"),
+    ("string number", "/v1/chat/completions", {**GOOD_CHAT, "max_tokens": "5"}, 400,
+     "max_tokens"),
+    ("missing messages", "/v1/chat/completions", {"model": MODEL_ID}, 400, "messages"),
+    ("bad role", "/v1/chat/completions",
+     {**GOOD_CHAT, "messages": [{"role": "llama", "content": "x"}]}, 400, "messages.0.role"),
+    ("max_tokens zero", "/v1/chat/completions", {**GOOD_CHAT, "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens too big", "/v1/chat/completions", {**GOOD_CHAT, "max_tokens": 10**6}, 400,
+     "max_tokens"),
+    ("prompt too long", "/v1/completions",
+     {"model": MODEL_ID, "prompt": "llama " * 9000}, 400, "prompt"),
+    ("wrong model", "/v1/chat/completions", {**GOOD_CHAT, "model": "gpt-4o"}, 404, "model"),
+    ("n=2", "/v1/chat/completions", {**GOOD_CHAT, "n": 2}, 400, "n"),
+    ("top_p out of range", "/v1/chat/completions", {**GOOD_CHAT, "top_p": 1.5}, 400, "top_p"),
+    ("logit_bias token", "/v1/chat/completions", {**GOOD_CHAT, "logit_bias": {"99999": 1}}, 400,
+     "logit_bias"),
+    ("batched prompts", "/v1/completions", {"model": MODEL_ID, "prompt": ["a", "b"]}, 400,
+     "prompt"),
+    ("echo", "/v1/completions", {"model": MODEL_ID, "prompt": "a", "echo": True}, 400, "echo"),
+    ("image part", "/v1/chat/completions", {**GOOD_CHAT, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     400, "messages.0.content.0.type"),
+]
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert "\n" not in error["message"]
+    return error
+
+
+@pytest.mark.parametrize("what,path,body,status,param", BAD_REQUESTS,
+                         ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_request_gets_status_and_error_json(http, what, path, body, status, param):
+    if isinstance(body, bytes):
+        response = http.post(path, content=body, headers={"Content-Type": "application/json"})
+    else:
+        response = http.post(path, json=body)
+    error = assert_openai_error(response, status)
+    assert error["param"] == param
+
+
+def test_api_key_required_except_health(server):
+    no_key = httpx.post(f"{server.url}/v1/chat/completions", json=GOOD_CHAT)
+    assert assert_openai_error(no_key, 401)["code"] == "invalid_api_key"
+    wrong = httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer nope"})
+    assert_openai_error(wrong, 401)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_unknown_route_and_method(http):
+    assert_openai_error(http.get("/v1/engines"), 404)
+    assert_openai_error(http.get("/v1/chat/completions"), 405)
+
+
+def _random_bad_request(rng: random.Random) -> tuple[str, bytes]:
+    path = rng.choice(["/v1/chat/completions", "/v1/completions"])
+    base = dict(GOOD_CHAT) if "chat" in path else {"model": MODEL_ID, "prompt": "Hi"}
+    base["max_tokens"] = 4  # a mutation that stays valid must not run for the whole context
+    kind = rng.randrange(5)
+    if kind == 0:  # truncated or garbled JSON
+        raw = json.dumps(base).encode()
+        raw = raw[: rng.randrange(len(raw))] + bytes(rng.randrange(256) for _ in range(3))
+        return path, raw
+    if kind == 1:  # a wrong type in a known field
+        field = rng.choice(["max_tokens", "temperature", "top_p", "seed", "stop", "stream",
+                            "logit_bias", "n", "model", "presence_penalty", "top_k"])
+        values = ["x", [1, {}], {"a": None}, True, 1.5, -7, 10**30]
+        base[field] = rng.choice(values + ([] if field == "max_tokens" else [None]))
+    elif kind == 2:  # an unknown field
+        base["".join(rng.choice("abcxyz_") for _ in range(6))] = rng.random()
+    elif kind == 3:  # out-of-range numbers
+        field = rng.choice(["max_tokens", "temperature", "top_p", "frequency_penalty", "min_p"])
+        base[field] = rng.choice([-1, 0, 3, 1e9, -1e9])
+    else:  # structurally wrong messages or prompt
+        key = "messages" if "chat" in path else "prompt"
+        base[key] = rng.choice([[], {}, 5, [None], [{"role": "user"}], [[1, "a"]],
+                                [{"content": "x"}], [-3]])
+    return path, json.dumps(base).encode()
+
+
+def test_server_survives_random_malformed_requests(server, http):
+    kw = dict(max_tokens=8, temperature=0, logit_bias=NO_EOS)
+    client = server.client()
+    before = chat(client, "Still there?", **kw).choices[0].message.content
+    rng = random.Random(2024)
+    statuses, valid = set(), 0
+    for _ in range(200):
+        path, raw = _random_bad_request(rng)
+        response = http.post(path, content=raw, headers={"Content-Type": "application/json"})
+        if response.status_code == 200:  # a mutation that happened to stay valid
+            valid += 1
+            continue
+        statuses.add(response.status_code)
+        assert_openai_error(response, response.status_code)
+        assert 400 <= response.status_code < 500, response.text
+    assert 400 in statuses and valid < 50
+    assert chat(client, "Still there?", **kw).choices[0].message.content == before
+    assert not server.worker.busy and server.worker.waiting == 0
+
+
+# ------------------------------------------------------------------------------------------
+# Logs
+# ------------------------------------------------------------------------------------------
+
+
+def test_one_log_line_per_request(client, caplog):
+    with caplog.at_level(logging.INFO, logger="mlx_llama.server"):
+        reply = chat(client, "Log me.", max_tokens=3, temperature=0, logit_bias=NO_EOS)
+    lines = [r.getMessage() for r in caplog.records if reply.id in r.getMessage()]
+    assert len(lines) == 1
+    line = lines[0]
+    for part in ("status=200", "in=", "out=3", "cached=", "prefill=", "decode=", "tok/s",
+                 "cache="):
+        assert part in line
