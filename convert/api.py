@@ -175,6 +175,11 @@ def plan_tensors(
             "the source has quantized tensors (.scales) but no quantization settings in its "
             "config: it cannot be read; convert the original float model"
         )
+    if prequantized and recipe is not None:
+        raise MlxLlamaError(
+            "the source is already quantized: quantizing it again would stack two rounding "
+            "errors; drop -q to keep its quantization, or convert the original float model"
+        )
     for name in list(weights):
         array = weights.pop(name)
         module = name.rsplit(".", 1)[0]
@@ -231,7 +236,7 @@ def describe(plan: Plan, recipe: QuantRecipe | None, config: dict, nbytes: int) 
         overrides = {k: v for k, v in block.items() if isinstance(v, dict)}
         if overrides:
             kinds = sorted({f"{v['bits']}-bit" for v in overrides.values()})
-            what += f" ({len(overrides)} layers at {'/'.join(kinds)})"
+            what += f" ({len(overrides)} layer{'s' if len(overrides) > 1 else ''} at {'/'.join(kinds)})"
         if recipe is not None and recipe.embedding_bits is None:
             what += ", embeddings unquantized"
     else:
@@ -266,12 +271,16 @@ def verify_folder(folder: Path) -> None:
     """Load the written folder with the runtime's loader and push one token through it.
 
     The pass goes layer by layer and drops each layer once it has run, so checking a large
-    model needs about one layer's memory, not the whole model's.
+    model needs about one layer's memory, not the whole model's. A quantized model computes in
+    the runtime's default dtype for this backend (float32 on CPU, where half-precision
+    quantized matmuls are an order of magnitude slower; only scales and norms get cast). An
+    unquantized one keeps its stored dtype, so its big matrices are not copied to float32.
     """
-    from mlx_llama.loading import load_model
+    from mlx_llama.loading import load_model, read_config
 
+    quantized = "quantization" in read_config(folder)
     try:
-        model, _ = load_model(folder, compute_dtype=None)
+        model, _ = load_model(folder, compute_dtype="auto" if quantized else None)
         h = model.model.embed_tokens(mx.array([[model.config.bos_token_id or 0]]))
         mx.eval(h)
         if not model.config.tie_word_embeddings:

@@ -1,8 +1,9 @@
-"""`mlx-llama convert`: the command line over `convert.api.convert`.
+"""Convert a Hugging Face model, hub repo or GGUF file into an MLX model folder.
 
-`add_convert_parser` registers the sub-command on the main CLI's sub-parsers and `run_convert`
-runs it; both import nothing heavy, so building the main parser stays fast. `main` runs the
-same thing stand-alone (`python -m convert.cli SRC -o OUT`).
+This is `mlx-llama convert`, the command line over `convert.api.convert`. `add_convert_parser`
+fills in the sub-command's parser and `run_convert` runs it; neither imports anything heavy,
+so building the main parser stays fast. `main` runs the same thing stand-alone
+(`python -m convert.cli SRC -o OUT`).
 
 Every failure the user can cause — Ctrl-C included — ends as one `MlxLlamaError` line; the
 caller prints it and exits 1. Set MLX_LLAMA_DEBUG=1 to see the traceback of an unexpected one.
@@ -14,7 +15,6 @@ import argparse
 import os
 import re
 import sys
-from pathlib import Path
 
 DESCRIPTION = (
     "Convert a Hugging Face Llama model (local folder or hub repo id) or a .gguf file into an "
@@ -61,21 +61,32 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
-def add_convert_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `convert` on the main CLI's sub-parsers (returns the new parser)."""
-    parser = subparsers.add_parser("convert", help="convert a model to an MLX folder",
-                                   description=DESCRIPTION)
+def add_convert_parser(parent) -> argparse.ArgumentParser:
+    """Add the `convert` arguments.
+
+    `parent` is either the `convert` sub-parser itself (what mlx_llama.cli passes) or the main
+    parser's sub-parsers object, on which a `convert` sub-parser is created. Returns the parser.
+    """
+    if isinstance(parent, argparse.ArgumentParser):
+        parent.description = parent.description or DESCRIPTION
+        return configure_parser(parent)
+    parser = parent.add_parser("convert", help="convert a model to an MLX folder",
+                               description=DESCRIPTION)
     return configure_parser(parser)
 
 
-def run_convert(args: argparse.Namespace) -> Path:
-    """Run a parsed `convert` command; user errors (and Ctrl-C) raise one-line MlxLlamaError."""
+def run_convert(args: argparse.Namespace) -> int:
+    """Run a parsed `convert` command and return 0.
+
+    User errors, Ctrl-C and unexpected failures all raise a one-line MlxLlamaError (the
+    output folder is left as it was), which the caller prints before exiting 1.
+    """
     from mlx_llama.errors import MlxLlamaError
 
     from .api import convert
 
     try:
-        return convert(
+        convert(
             args.src,
             args.out,
             dtype=args.dtype,
@@ -88,6 +99,7 @@ def run_convert(args: argparse.Namespace) -> Path:
             force=args.force,
             progress=not args.no_progress,
         )
+        return 0
     except MlxLlamaError:
         raise
     except KeyboardInterrupt:

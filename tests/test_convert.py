@@ -276,3 +276,34 @@ def test_plan_shards_and_sizes():
     assert plan_shards([("a", 1), ("big", 500), ("b", 1)], 100) == [["a"], ["big"], ["b"]]
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 << 30
     assert parse_size("1000") == 1000 and parse_size("1.5mb") == 1_500_000
+
+
+def test_gguf_source_passes_quantized_blocks_through(smollm2_gguf_path, tmp_path):
+    from convert.gguf import read_gguf
+
+    out = convert(smollm2_gguf_path, tmp_path / "smol", progress=False)
+    source = read_gguf(smollm2_gguf_path)
+    expected = map_weights(source.weights, ModelConfig.from_dict(source.config))
+    written = mx.load(str(out / "model.safetensors"))
+    assert written.keys() == expected.keys()
+    for name in ("model.layers.3.self_attn.q_proj.weight", "model.layers.3.self_attn.q_proj.scales",
+                 "model.embed_tokens.biases", "model.norm.weight"):
+        assert mx.array_equal(written[name], expected[name]).item(), name
+    config = json.loads((out / "config.json").read_text())
+    block = {k: v for k, v in config["quantization"].items() if k != "mode"}
+    assert block == {k: v for k, v in source.quantization.items() if k != "mode"}
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    with pytest.raises(MlxLlamaError, match="already quantized"):
+        convert(smollm2_gguf_path, tmp_path / "again", quantize=True, progress=False)
+    assert not (tmp_path / "again").exists()
+
+
+def test_mlx_folder_reconverts_losslessly(tiny_checkpoints, tmp_path):
+    """An MLX folder is a valid source too: re-sharding keeps every tensor bit for bit."""
+    first = convert(tiny_checkpoints["tied"], tmp_path / "a", quantize=True, progress=False)
+    second = convert(first, tmp_path / "b", shard_size=50_000, progress=False)
+    assert len(list(second.glob("*.safetensors"))) > 1
+    a, b = tensors_of(first), tensors_of(second)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    config = json.loads((second / "config.json").read_text())
+    assert config["quantization"] == json.loads((first / "config.json").read_text())["quantization"]

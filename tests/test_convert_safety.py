@@ -1,0 +1,204 @@
+"""Broken sources, interruptions and existing outputs: one error line, exit 1, nothing left behind.
+
+Every case checks the same three things: the CLI exits 1 with exactly one line on stderr, no
+output or temporary folder appears next to OUT, and an existing OUT is byte-for-byte intact.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import convert.writer as writer
+from convert.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.is_dir() else {}
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.strip()]
+
+
+def assert_clean_failure(code, lines, parent: Path, out: Path, before: dict, match: str):
+    assert code == 1
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and match in lines[0], lines[0]
+    leftovers = [p.name for p in parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    assert leftovers == []
+    assert snapshot(out) == before
+
+
+@pytest.fixture
+def src(tiny_checkpoints, tmp_path) -> Path:
+    folder = tmp_path / "src"
+    shutil.copytree(tiny_checkpoints["gqa"], folder)
+    return folder
+
+
+@pytest.fixture
+def old_out(tmp_path) -> Path:
+    """An existing output folder that a failed --force conversion must leave untouched."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text('{"old": true}')
+    (out / "model.safetensors").write_bytes(b"old weights")
+    return out
+
+
+def test_truncated_safetensors(src, old_out, tmp_path, capsys):
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    before = snapshot(old_out)
+    code, lines = run_cli([src, "-o", old_out, "--force"], capsys)
+    assert_clean_failure(code, lines, tmp_path, old_out, before, "truncated")
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda raw: raw[:8] + b"{not json" + raw[17:], "header is not valid JSON"),
+    (lambda raw: (2**40).to_bytes(8, "little") + raw[8:], "header length is impossible"),
+    (lambda raw: b"\x01\x02", "shorter than a safetensors header"),
+])
+def test_corrupt_header(src, tmp_path, capsys, damage, match):
+    weights = src / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    out = tmp_path / "out"
+    code, lines = run_cli([src, "-o", out], capsys)
+    assert_clean_failure(code, lines, tmp_path, out, {}, match)
+
+
+def test_config_without_weights(src, tmp_path, capsys):
+    (src / "model.safetensors").unlink()
+    out = tmp_path / "out"
+    code, lines = run_cli([src, "-o", out], capsys)
+    assert_clean_failure(code, lines, tmp_path, out, {}, "no weights")
+
+
+def test_pytorch_bin_only_folder_is_refused_without_unpickling(src, tmp_path, capsys):
+    (src / "model.safetensors").unlink()
+    # A pickle that would create a file if it were ever loaded.
+    marker = tmp_path / "unpickled"
+    payload = (b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+    (src / "pytorch_model.bin").write_bytes(payload)
+    out = tmp_path / "out"
+    code, lines = run_cli([src, "-o", out], capsys)
+    assert_clean_failure(code, lines, tmp_path, out, {}, "only PyTorch .bin/.pth")
+    assert "safetensors" in lines[0] and not marker.exists()
+
+
+def test_missing_config_and_unsupported_architecture(src, tmp_path, capsys):
+    out = tmp_path / "out"
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    code, lines = run_cli([src, "-o", out], capsys)
+    assert_clean_failure(code, lines, tmp_path, out, {}, "unsupported model_type 'gpt2'")
+    (src / "config.json").unlink()
+    code, lines = run_cli([src, "-o", out], capsys)
+    assert_clean_failure(code, lines, tmp_path, out, {}, "no config.json")
+
+
+def test_index_naming_a_missing_shard(src, tmp_path, capsys):
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
+    out = tmp_path / "out"
+    code, lines = run_cli([src, "-o", out], capsys)
+    assert_clean_failure(code, lines, tmp_path, out, {}, "incomplete")
+
+
+def test_existing_output_needs_force(src, old_out, tmp_path, capsys):
+    before = snapshot(old_out)
+    code, lines = run_cli([src, "-o", old_out], capsys)
+    assert_clean_failure(code, lines, tmp_path, old_out, before, "--force")
+
+
+def test_force_replaces_the_folder(src, old_out, tmp_path, capsys):
+    code, _ = run_cli([src, "-o", old_out, "--force", "-q"], capsys)
+    assert code == 0
+    assert "quantization" in json.loads((old_out / "config.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def interrupt_on_shard(monkeypatch, shard: int, exc: BaseException):
+    """Make the writer fail while writing output shard number `shard` (1-based)."""
+    real = writer.write_safetensors
+    calls = []
+
+    def failing(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == shard:
+            Path(path).write_bytes(b"partial")
+            raise exc
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(writer, "write_safetensors", failing)
+    return calls
+
+
+def test_ctrl_c_mid_way_leaves_old_output_intact(src, old_out, tmp_path, capsys, monkeypatch):
+    calls = interrupt_on_shard(monkeypatch, 3, KeyboardInterrupt())
+    before = snapshot(old_out)
+    code, lines = run_cli([src, "-o", old_out, "--force", "--shard-size", "100KB"], capsys)
+    assert len(calls) == 3  # it really was interrupted after two complete shards
+    assert_clean_failure(code, lines, tmp_path, old_out, before, "interrupted")
+
+
+def test_full_disk(src, old_out, tmp_path, capsys, monkeypatch):
+    interrupt_on_shard(monkeypatch, 2, OSError(errno.ENOSPC, "No space left on device"))
+    before = snapshot(old_out)
+    code, lines = run_cli([src, "-o", old_out, "--force", "--shard-size", "100KB"], capsys)
+    assert_clean_failure(code, lines, tmp_path, old_out, before, "no space left")
+
+
+def test_unexpected_exception_during_verification(src, old_out, tmp_path, capsys, monkeypatch):
+    import convert.api
+
+    def broken(folder):
+        raise RuntimeError("simulated bug\nwith a second line")
+
+    monkeypatch.setattr(convert.api, "verify_folder", broken)
+    before = snapshot(old_out)
+    code, lines = run_cli([src, "-o", old_out, "--force"], capsys)
+    assert_clean_failure(code, lines, tmp_path, old_out, before, "simulated bug")
+
+
+def test_failed_rename_restores_the_old_folder(src, old_out, tmp_path, monkeypatch):
+    """If the final rename fails after the old folder was moved aside, it is moved back."""
+    real_rename = os.rename
+
+    def rename(a, b):
+        if Path(a).name.startswith(".out.tmp-"):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_rename(a, b)
+
+    before = snapshot(old_out)
+    monkeypatch.setattr(writer.os, "rename", rename)
+    from convert.api import convert
+    from mlx_llama.errors import MlxLlamaError
+
+    with pytest.raises(MlxLlamaError, match="cannot write"):
+        convert(src, old_out, force=True, progress=False)
+    assert snapshot(old_out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_cli_process_exit_code_and_single_line(tmp_path):
+    """The real process: exit status 1 and one stderr line, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "convert.cli", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+    assert not (tmp_path / "o").exists()
