@@ -83,6 +83,7 @@ def convert(
     if shard_size <= 0:
         raise MlxLlamaError("--shard-size must be positive")
     check_destination(out, force)  # fail before a long download, not after
+    _refuse_overwriting_source(src, out)
 
     source = open_source(src, revision, progress)
     cfg = ModelConfig.from_dict(source.config)
@@ -142,6 +143,18 @@ def open_source(src: str | Path, revision: str | None, progress: bool) -> Source
         f"{src} does not exist: give a Hugging Face model folder, a hub repo id (org/name) or a "
         ".gguf file"
     )
+
+
+def _refuse_overwriting_source(src: str | Path, out: Path) -> None:
+    """`--force` onto the source folder (or a folder holding it) would delete the source."""
+    source = Path(src).expanduser()
+    if not source.exists():
+        return
+    source, target = source.resolve(), out.resolve()
+    if source == target or target in source.parents:
+        raise MlxLlamaError(
+            f"the output folder {out} would replace the source {src}: choose another output path"
+        )
 
 
 def read_gguf_file(path: Path) -> SourceModel:

@@ -109,7 +109,3 @@ def quantization_block(specs: dict[str, QuantSpec], default: QuantSpec) -> dict:
             block[module] = specs[module].as_dict()
     return block
 
-
-def packed_columns(in_dim: int, bits: int) -> int:
-    """Width of the uint32 code matrix for `in_dim` inputs (what mx.quantize produces)."""
-    return in_dim * bits // 32

@@ -123,6 +123,14 @@ def test_existing_output_needs_force(src, old_out, tmp_path, capsys):
     assert_clean_failure(code, lines, tmp_path, old_out, before, "--force")
 
 
+def test_force_never_replaces_the_source(src, tmp_path, capsys):
+    before = snapshot(src)
+    for out in (src, tmp_path):
+        code, lines = run_cli([src, "-o", out, "--force"], capsys)
+        assert code == 1 and len(lines) == 1 and "would replace the source" in lines[0]
+    assert snapshot(src) == before
+
+
 def test_force_replaces_the_folder(src, old_out, tmp_path, capsys):
     code, _ = run_cli([src, "-o", old_out, "--force", "-q"], capsys)
     assert code == 0
@@ -202,3 +210,36 @@ def test_cli_process_exit_code_and_single_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def run_on_terminal(argv: list[str]) -> tuple[int, str]:
+    """Run the CLI with stdout/stderr on a pseudo-terminal (100 columns) and collect its output."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "convert.cli", *map(str, argv)], cwd=ROOT,
+                            stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    return proc.wait(timeout=60), b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
+def test_progress_bar_on_a_terminal_only(src, tmp_path):
+    code, text = run_on_terminal([src, "-o", tmp_path / "a", "-q"])
+    assert code == 0 and "Converting" in text and "bits per weight" in text
+    code, text = run_on_terminal([src, "-o", tmp_path / "b", "-q", "--no-progress"])
+    assert code == 0 and text.strip() == ""
