@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cache import PromptCache
+from .conversation import Conversation
 from .generate import stream_generate
 
 HELP = "commands: /reset clears the conversation, /quit leaves, /help shows this"
@@ -23,9 +23,7 @@ def run_repl(args: argparse.Namespace) -> int:
 
     model, tokenizer = load(resolve_model(args.model))
     params = sampling_params(args)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(system)
-    cache = PromptCache(model.make_cache)
+    chat = Conversation(model, tokenizer, args.system)
     out, err = sys.stdout, sys.stderr
     print(f"chatting with {args.model or 'the bundled SmolLM2'}; {HELP}", file=err)
     while True:
@@ -43,22 +41,25 @@ def run_repl(args: argparse.Namespace) -> int:
             print(HELP, file=err)
             continue
         if text == "/reset":
-            messages = list(system)
-            cache = PromptCache(model.make_cache)
+            chat.reset()
             print("conversation cleared", file=err)
             continue
-        messages.append({"role": "user", "content": text})
-        reply, last = [], None
+        prompt = chat.add_user(text)
+        reply, last, interrupted = [], None, False
         try:
-            for last in stream_generate(model, tokenizer, messages, args.max_tokens,
-                                        sampling=params, stop=args.stop, cache=cache):
+            for last in stream_generate(model, tokenizer, prompt, args.max_tokens,
+                                        sampling=params, stop=args.stop, cache=chat.cache):
                 reply.append(last.text)
                 out.write(last.text)
                 out.flush()
         except KeyboardInterrupt:
+            interrupted = True
             print("\n[reply interrupted]", file=err)
         print(file=out)
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        ended_on_stop_string = (last is not None and last.finish_reason == "stop"
+                                and last.token not in tokenizer.eos_token_ids)
+        chat.add_reply("".join(reply), last.token if last else None,
+                       complete=not (interrupted or ended_on_stop_string or last is None))
         if last is not None:
             print(
                 f"[prompt {last.prompt_tokens} tokens: {last.cached_tokens} cached, "

@@ -1,0 +1,51 @@
+"""A chat whose KV cache follows it from turn to turn.
+
+Re-rendering the whole conversation and re-tokenizing it each turn would usually share a long
+prefix with what the cache holds, but not always: a generated reply, decoded to text and
+encoded again, can split into different tokens, and then everything after the split is
+prefilled again. So the conversation keeps the exact text its cached tokens stand for, renders
+the new turn with the chat template, and encodes only the part after that text. When the
+rendering does not extend the history (a template that rewrites earlier turns, a reply cut by
+a stop string or Ctrl-C), it falls back to the full rendering and plain prefix reuse.
+"""
+
+from __future__ import annotations
+
+from .cache import PromptCache
+
+
+class Conversation:
+    def __init__(self, model, tokenizer, system: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.make_layers = model.make_cache
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict[str, str]] = (
+            [{"role": "system", "content": self.system}] if self.system else []
+        )
+        self.cache = PromptCache(self.make_layers)
+        self.history_text = ""  # what cache.tokens stand for, as the template renders it
+        self._prompt_text = ""
+
+    def add_user(self, text: str) -> list[int]:
+        """Append a user message; return the prompt tokens for the model's reply."""
+        self.messages.append({"role": "user", "content": text})
+        tok = self.tokenizer
+        full = tok.apply_chat_template(self.messages, add_generation_prompt=True)
+        self._prompt_text = full
+        if self.history_text and self.cache.tokens and full.startswith(self.history_text):
+            new = tok.encode(full[len(self.history_text):], add_special_tokens=False)
+            return self.cache.tokens + new
+        return tok.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True)
+
+    def add_reply(self, text: str, last_token: int | None, complete: bool) -> None:
+        """Record the assistant's reply. `complete` is False when it was cut short abnormally."""
+        self.messages.append({"role": "assistant", "content": text})
+        ended_on_eos = last_token is not None and last_token in self.tokenizer.eos_token_ids
+        if not complete:
+            self.history_text = ""
+            return
+        end = self.tokenizer.id_to_token(last_token) if ended_on_eos else ""
+        self.history_text = self._prompt_text + text + (end or "")

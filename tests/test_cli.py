@@ -1,0 +1,105 @@
+"""The command line as a user meets it: convert, generate, chat, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlx_llama.cli import main
+
+# ChatML's shape (SmolLM2, Qwen) with markers this tiny vocabulary spells out in pieces.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def run_cli(*args: str, stdin: str | None = None, env: dict | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_llama.cli", *args], input=stdin, capture_output=True,
+        text=True, timeout=300, env={**os.environ, **(env or {})},
+    )
+
+
+def one_line_error(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_convert_then_generate(tiny_checkpoints, tmp_path, capsys):
+    out = tmp_path / "q4"
+    assert main(["convert", str(tiny_checkpoints["gqa"]), "-o", str(out), "-q",
+                 "--no-progress"]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+    capsys.readouterr()
+    assert main(["generate", "-m", str(out), "-p", "Llamas", "--max-tokens", "6"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip()
+    assert re.search(r"prompt: \d+ tokens .* tok/s \| generation: \d+ tokens, .* tok/s "
+                     r"\| peak memory: ", captured.err)
+
+
+def test_generate_with_no_model_uses_bundled_default(tmp_path):
+    result = run_cli("generate", "--max-tokens", "8", env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert (tmp_path / "mlx-llama").is_dir()
+
+
+@pytest.mark.parametrize("case", ["missing", "no_weights", "bad_type"])
+def test_bad_model_is_one_line_exit_1(tiny_checkpoints, tmp_path, capsys, case):
+    folder = tmp_path / "model"
+    if case != "missing":
+        shutil.copytree(tiny_checkpoints["gqa"], folder)
+    if case == "no_weights":
+        for f in folder.glob("*.safetensors"):
+            f.unlink()
+    if case == "bad_type":
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    assert main(["generate", "-m", str(folder), "-p", "hi", "--max-tokens", "2"]) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert {"missing": "does not exist", "no_weights": "no .safetensors",
+            "bad_type": "model_type 'gpt2'"}[case] in line
+
+
+@pytest.fixture
+def chat_model(tiny_checkpoints, tmp_path) -> Path:
+    folder = tmp_path / "chat"
+    shutil.copytree(tiny_checkpoints["gqa"], folder)
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "chat_template": CHATML_TEMPLATE}))
+    return folder
+
+
+def test_chat_repl_prefills_only_the_new_turn(chat_model):
+    turns = ["Hello there", "Tell me about llamas", "And their wool?"]
+    result = run_cli("chat", "-m", str(chat_model), "--max-tokens", "6",
+                     stdin="\n".join(turns + ["/quit"]) + "\n")
+    assert result.returncode == 0, result.stderr
+    stats = [tuple(map(int, m)) for m in re.findall(
+        r"\[prompt (\d+) tokens: (\d+) cached, (\d+) prefilled \| (\d+) generated", result.stderr)]
+    assert len(stats) == 3
+    for (prompt, _, _, generated), (next_prompt, cached, prefilled, _) in zip(stats, stats[1:]):
+        # Everything the previous turn held (its prompt and its reply) is reused.
+        assert cached >= prompt + generated - 1
+        assert prefilled == next_prompt - cached
+        assert prefilled < next_prompt - prompt
+
+
+def test_chat_reset_starts_over(chat_model):
+    result = run_cli("chat", "-m", str(chat_model), "--max-tokens", "4",
+                     stdin="Hello there\n/reset\nHello there\n")
+    assert result.returncode == 0, result.stderr
+    cached = re.findall(r"tokens: (\d+) cached", result.stderr)
+    assert cached == ["0", "0"] and "conversation cleared" in result.stderr
