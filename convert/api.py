@@ -96,10 +96,8 @@ def convert(
         with staged_folder(out, force) as tmp:
             with _bar(total_bytes, "Converting", progress) as bar:
                 write_weights(tmp, plan.tensors, shard_size, lambda _n, b: bar.update(b))
+            write_extra_files(tmp, source.files)
             write_json(tmp / "config.json", config)
-            for name, content in source.files.items():
-                data = content.encode() if isinstance(content, str) else content
-                (tmp / name).write_bytes(data)
             summary = describe(plan, recipe, config, total_bytes)
             (tmp / "README.md").write_text(model_card(out.name, source, summary))
             if verify:
@@ -238,6 +236,21 @@ def output_config(
         out["quantization"] = block
         out["quantization_config"] = dict(block)
     return out
+
+
+def write_extra_files(folder: Path, files: dict[str, str | bytes]) -> None:
+    """Tokenizer, chat template, generation config: as the source has them.
+
+    Only plain file names are accepted, and the files the converter writes itself (config,
+    weights, index, model card) are never taken from the source.
+    """
+    for name, content in files.items():
+        if Path(name).name != name or name in ("config.json", "README.md") or (
+            name.endswith((".safetensors", ".safetensors.index.json"))
+        ):
+            continue
+        data = content.encode() if isinstance(content, str) else content
+        (folder / name).write_bytes(data)
 
 
 def describe(plan: Plan, recipe: QuantRecipe | None, config: dict, nbytes: int) -> str:

@@ -307,3 +307,18 @@ def test_mlx_folder_reconverts_losslessly(tiny_checkpoints, tmp_path):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     config = json.loads((second / "config.json").read_text())
     assert config["quantization"] == json.loads((first / "config.json").read_text())["quantization"]
+
+
+def test_streamed_safetensors_of_strided_arrays(tmp_path):
+    """Transposed and sliced arrays (not row-major in memory) are written in row-major order."""
+    from convert.writer import write_safetensors
+
+    base = mx.arange(12, dtype=mx.float32).reshape(3, 4)
+    arrays = {"t": base.T, "bf": base.T.astype(mx.bfloat16), "slice": base[:, 1:3],
+              "packed": mx.quantize(mx.random.normal((4, 64)), group_size=32, bits=4)[0]}
+    slots = list(arrays.items())
+    write_safetensors(tmp_path / "x.safetensors", slots, 0, len(slots))
+    assert slots == [None] * len(arrays)  # consumed: nothing kept alive
+    back = mx.load(str(tmp_path / "x.safetensors"))
+    assert all(mx.array_equal(back[k], v).item() and back[k].dtype == v.dtype
+               for k, v in arrays.items())
