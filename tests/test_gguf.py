@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -182,10 +183,26 @@ def tiny_tensors(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def write_tiny_gguf(path: Path, sp_model_file: Path, *, arch: str = "llama",
-                    types: dict[str, Q] | None = None, rope_freqs: np.ndarray | None = None) -> Path:
-    types = {**TINY_TYPES, **(types or {})}
+def write_spm_vocab(writer: GGUFWriter, sp_model_file: Path) -> int:
+    """A SentencePiece vocabulary as llama.cpp writes it; returns the vocabulary size."""
     tokens, scores, token_types = spm_vocab(sp_model_file)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(token_types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_chat_template("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}")
+    return len(tokens)
+
+
+def write_tiny_gguf(path: Path, vocab: Path | Callable[[GGUFWriter], int], *, arch: str = "llama",
+                    types: dict[str, Q] | None = None, rope_freqs: np.ndarray | None = None) -> Path:
+    """A 2-layer Llama GGUF with random weights; `vocab` is a SentencePiece model file or a
+    function that writes the tokenizer metadata and returns the vocabulary size."""
+    types = {**TINY_TYPES, **(types or {})}
     writer = GGUFWriter(str(path), arch)
     writer.add_block_count(TINY["layers"])
     writer.add_context_length(256)
@@ -196,16 +213,8 @@ def write_tiny_gguf(path: Path, sp_model_file: Path, *, arch: str = "llama",
     writer.add_rope_dimension_count(TINY["hidden"] // TINY["heads"])
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(10000.0)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(token_types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    writer.add_add_bos_token(True)
-    writer.add_chat_template("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}")
-    for name, w in tiny_tensors(len(tokens)).items():
+    n_vocab = vocab(writer) if callable(vocab) else write_spm_vocab(writer, vocab)
+    for name, w in tiny_tensors(n_vocab).items():
         part = name.split(".")[-1]
         if part in ("attn_q", "attn_k"):
             n = TINY["heads"] if part == "attn_q" else TINY["kv_heads"]
@@ -344,6 +353,48 @@ def test_spm_tokenizer_matches_sentencepiece_and_transformers(tiny_gguf, llama_s
     assert config["chat_template"] == source.files["chat_template.jinja"]
     assert json.loads(source.files["generation_config.json"]) == {"bos_token_id": 1, "eos_token_id": 2}
     assert ours.encode("</s>").ids == [1, 2]  # control tokens stay whole
+
+
+def test_llama3_style_byte_level_tokenizer(tmp_path):
+    """A byte-level BPE vocabulary with Llama 3's split ('llama-bpe'): ours encodes like the
+    tokenizer the vocabulary was trained as, and like transformers' GGUF loader."""
+    from tokenizers import Regex, models, pre_tokenizers, trainers
+
+    from convert.gguf_tokenizer import BYTE_LEVEL_PRE_TOKENIZERS
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    original = Tokenizer(models.BPE())
+    original.pre_tokenizer = BYTE_LEVEL_PRE_TOKENIZERS["llama-bpe"]()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    paragraph = (Path(__file__).parent / "data" / "paragraph.txt").read_text()
+    original.train_from_iterator([paragraph] + SAMPLE_TEXTS, trainer)
+    state = json.loads(original.to_str())["model"]
+    tokens = [t for t, _ in sorted(state["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [" ".join(m) if isinstance(m, list) else m for m in state["merges"]]
+
+    def byte_level_vocab(writer: GGUFWriter) -> int:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("llama-bpe")
+        writer.add_token_list(tokens)
+        writer.add_token_types([3 if t in specials else 1 for t in tokens])
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(0)
+        writer.add_eos_token_id(2)
+        writer.add_add_bos_token(True)
+        return len(tokens)
+
+    path = write_tiny_gguf(tmp_path / "bpe.gguf", byte_level_vocab)
+    source = read_gguf(path)
+    ours = Tokenizer.from_str(source.files["tokenizer.json"])
+    ref = transformers_tokenizer(path)
+    for text in SAMPLE_TEXTS + [paragraph, "<|eot_id|>Hi<|end_of_text|>", "  x\n\n 12345"]:
+        ids = ours.encode(text).ids
+        assert ids == [0] + original.encode(text).ids, text
+        assert ids == ref.encode(text), text
+        assert ours.decode(ids, skip_special_tokens=True) == text.replace("<|eot_id|>", "").replace(
+            "<|end_of_text|>", "")
+    assert json.loads(source.files["generation_config.json"]) == {"bos_token_id": 0, "eos_token_id": 2}
 
 
 # -------------------------------------------------------------------------- errors
