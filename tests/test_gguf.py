@@ -17,8 +17,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as Q
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 from tokenizers import Tokenizer
 
@@ -43,6 +43,7 @@ SAMPLE_TEXTS = [
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def llama_cpp_permute(rows: np.ndarray, n_heads: int) -> np.ndarray:
     """The reordering llama.cpp's converter applies to Q/K rows (the direction we undo)."""
@@ -78,7 +79,9 @@ def transformers_model(path: Path):
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
     return model.eval()
 
 
@@ -119,7 +122,9 @@ def gguf_blocks(raw: np.ndarray, kind: Q) -> dict[str, np.ndarray]:
     return {"codes": codes.reshape(rows, -1), "d": d, "m": m}
 
 
-def assert_blocks_identical(source, reader: GGUFReader, gguf_name: str, module: str, n_heads: int | None):
+def assert_blocks_identical(
+    source, reader: GGUFReader, gguf_name: str, module: str, n_heads: int | None
+):
     """Our triple, put back in llama.cpp's row order, holds exactly the file's blocks."""
     tensor = next(t for t in reader.tensors if t.name == gguf_name)
     expected = gguf_blocks(np.asarray(tensor.data), tensor.tensor_type)
@@ -134,7 +139,9 @@ def assert_blocks_identical(source, reader: GGUFReader, gguf_name: str, module: 
     # And the values: the gguf package's own dequantization equals ours, in float32, exactly.
     w, s, b = (mx.array(ours[k]) for k in ("weight", "scales", "biases"))
     values = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=32, bits=bits)
-    np.testing.assert_array_equal(np.array(values), dequantize(np.asarray(tensor.data), tensor.tensor_type))
+    np.testing.assert_array_equal(
+        np.array(values), dequantize(np.asarray(tensor.data), tensor.tensor_type)
+    )
 
 
 # ------------------------------------------------------------------ tiny GGUF writer
@@ -142,14 +149,23 @@ def assert_blocks_identical(source, reader: GGUFReader, gguf_name: str, module: 
 TINY = dict(hidden=64, ffn=128, layers=2, heads=4, kv_heads=2)
 # A mix of every supported type; the most common quantized width (4) must become the default.
 TINY_TYPES = {
-    "token_embd": Q.Q8_0, "output": Q.F32, "output_norm": Q.F32,
-    "attn_q": Q.Q4_0, "attn_k": Q.Q4_0, "attn_v": Q.Q8_0, "attn_output": Q.F16,
-    "ffn_gate": Q.Q4_0, "ffn_up": Q.Q4_0, "ffn_down": Q.Q4_0, "attn_norm": Q.F32, "ffn_norm": Q.F32,
+    "token_embd": Q.Q8_0,
+    "output": Q.F32,
+    "output_norm": Q.F32,
+    "attn_q": Q.Q4_0,
+    "attn_k": Q.Q4_0,
+    "attn_v": Q.Q8_0,
+    "attn_output": Q.F16,
+    "ffn_gate": Q.Q4_0,
+    "ffn_up": Q.Q4_0,
+    "ffn_down": Q.Q4_0,
+    "attn_norm": Q.F32,
+    "ffn_norm": Q.F32,
 }
 
 
 def spm_vocab(sp_model_file: Path) -> tuple[list[str], list[float], list[int]]:
-    """tokens, scores and llama.cpp token types of a SentencePiece model, as llama.cpp writes them."""
+    """tokens, scores and llama.cpp token types of a SentencePiece model (as llama.cpp has them)."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(sp_model_file))
@@ -157,8 +173,17 @@ def spm_vocab(sp_model_file: Path) -> tuple[list[str], list[float], list[int]]:
     for i in range(sp.vocab_size()):
         tokens.append(sp.id_to_piece(i))
         scores.append(sp.get_score(i))
-        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
-                     else 5 if sp.is_unused(i) else 1)
+        types.append(
+            2
+            if sp.is_unknown(i)
+            else 3
+            if sp.is_control(i)
+            else 6
+            if sp.is_byte(i)
+            else 5
+            if sp.is_unused(i)
+            else 1
+        )
     return tokens, scores, types
 
 
@@ -169,11 +194,19 @@ def tiny_tensors(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     hd = h // heads
     shapes = {"token_embd": (vocab, h), "output": (vocab, h), "output_norm": (h,)}
     for i in range(TINY["layers"]):
-        shapes.update({
-            f"blk.{i}.attn_q": (heads * hd, h), f"blk.{i}.attn_k": (kv * hd, h), f"blk.{i}.attn_v": (kv * hd, h),
-            f"blk.{i}.attn_output": (h, heads * hd), f"blk.{i}.ffn_gate": (f, h), f"blk.{i}.ffn_up": (f, h),
-            f"blk.{i}.ffn_down": (h, f), f"blk.{i}.attn_norm": (h,), f"blk.{i}.ffn_norm": (h,),
-        })
+        shapes.update(
+            {
+                f"blk.{i}.attn_q": (heads * hd, h),
+                f"blk.{i}.attn_k": (kv * hd, h),
+                f"blk.{i}.attn_v": (kv * hd, h),
+                f"blk.{i}.attn_output": (h, heads * hd),
+                f"blk.{i}.ffn_gate": (f, h),
+                f"blk.{i}.ffn_up": (f, h),
+                f"blk.{i}.ffn_down": (h, f),
+                f"blk.{i}.attn_norm": (h,),
+                f"blk.{i}.ffn_norm": (h,),
+            }
+        )
     out = {}
     for name, shape in shapes.items():
         if len(shape) == 1:
@@ -198,8 +231,14 @@ def write_spm_vocab(writer: GGUFWriter, sp_model_file: Path) -> int:
     return len(tokens)
 
 
-def write_tiny_gguf(path: Path, vocab: Path | Callable[[GGUFWriter], int], *, arch: str = "llama",
-                    types: dict[str, Q] | None = None, rope_freqs: np.ndarray | None = None) -> Path:
+def write_tiny_gguf(
+    path: Path,
+    vocab: Path | Callable[[GGUFWriter], int],
+    *,
+    arch: str = "llama",
+    types: dict[str, Q] | None = None,
+    rope_freqs: np.ndarray | None = None,
+) -> Path:
     """A 2-layer Llama GGUF with random weights; `vocab` is a SentencePiece model file or a
     function that writes the tokenizer metadata and returns the vocabulary size."""
     types = {**TINY_TYPES, **(types or {})}
@@ -221,14 +260,18 @@ def write_tiny_gguf(path: Path, vocab: Path | Callable[[GGUFWriter], int], *, ar
             w = llama_cpp_permute(w, n)
         kind = types[part]
         if kind in (Q.F32, Q.F16):
-            writer.add_tensor(f"{name}.weight", w.astype(np.float32 if kind == Q.F32 else np.float16))
+            writer.add_tensor(
+                f"{name}.weight", w.astype(np.float32 if kind == Q.F32 else np.float16)
+            )
         else:
             try:
                 data = quantize(w, kind)
             except Exception:  # types the gguf package cannot make here (K-quants): any bytes do
                 block, size = GGML_QUANT_SIZES[kind]
                 blocks = -(-w.shape[1] // block)
-                data = np.random.default_rng(0).integers(0, 255, (w.shape[0], blocks * size), np.uint8)
+                data = np.random.default_rng(0).integers(
+                    0, 255, (w.shape[0], blocks * size), np.uint8
+                )
             writer.add_tensor(f"{name}.weight", data, raw_dtype=kind)
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
@@ -250,10 +293,20 @@ def llama_sp_model(tmp_path_factory) -> Path:
     text = (Path(__file__).parent / "data" / "paragraph.txt").read_text()
     corpus.write_text(text * 3 + "\n".join(SAMPLE_TEXTS[:5]) * 2 + "\n")
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(out / "llama"), vocab_size=600, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, split_digits=True, bos_id=1, eos_id=2, unk_id=0,
-        pad_id=-1, minloglevel=2,
+        input=str(corpus),
+        model_prefix=str(out / "llama"),
+        vocab_size=600,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
     )
     return out / "llama.model"
 
@@ -264,6 +317,7 @@ def tiny_gguf(tmp_path_factory, llama_sp_model) -> Path:
 
 
 # ------------------------------------------------------------------------- tiny file
+
 
 def test_tiny_gguf_logits_match_transformers(tiny_gguf):
     source = read_gguf(tiny_gguf)
@@ -277,7 +331,8 @@ def test_tiny_gguf_types_and_quantization_block(tiny_gguf, llama_sp_model):
     source = read_gguf(tiny_gguf)
     w = source.weights
     assert source.quantization == {
-        "group_size": 32, "bits": 4,
+        "group_size": 32,
+        "bits": 4,
         "model.embed_tokens": {"group_size": 32, "bits": 8},
         "model.layers.0.self_attn.v_proj": {"group_size": 32, "bits": 8},
         "model.layers.1.self_attn.v_proj": {"group_size": 32, "bits": 8},
@@ -292,15 +347,23 @@ def test_tiny_gguf_types_and_quantization_block(tiny_gguf, llama_sp_model):
     # Plain tensors are the file's values, Q/K rows back in Hugging Face order.
     original = tiny_tensors(len(spm_vocab(llama_sp_model)[0]))
     np.testing.assert_array_equal(np.array(w["lm_head.weight"]), original["output"])
-    np.testing.assert_array_equal(np.array(w["model.layers.1.input_layernorm.weight"]), original["blk.1.attn_norm"])
+    np.testing.assert_array_equal(
+        np.array(w["model.layers.1.input_layernorm.weight"]), original["blk.1.attn_norm"]
+    )
 
 
 def test_tiny_gguf_blocks_bit_identical(tiny_gguf):
     source, reader = read_gguf(tiny_gguf), GGUFReader(str(tiny_gguf))
     assert_blocks_identical(source, reader, "token_embd.weight", "model.embed_tokens", None)  # Q8_0
-    assert_blocks_identical(source, reader, "blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj", 4)  # Q4_0
-    assert_blocks_identical(source, reader, "blk.1.attn_k.weight", "model.layers.1.self_attn.k_proj", 2)
-    assert_blocks_identical(source, reader, "blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj", None)
+    assert_blocks_identical(
+        source, reader, "blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj", 4
+    )  # Q4_0
+    assert_blocks_identical(
+        source, reader, "blk.1.attn_k.weight", "model.layers.1.self_attn.k_proj", 2
+    )
+    assert_blocks_identical(
+        source, reader, "blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj", None
+    )
 
 
 def test_tiny_gguf_converts_to_mlx_folder_without_loss(tiny_gguf, tmp_path):
@@ -340,7 +403,12 @@ def test_spm_tokenizer_matches_sentencepiece_and_transformers(tiny_gguf, llama_s
     ours = Tokenizer.from_str(source.files["tokenizer.json"])
     sp = spm.SentencePieceProcessor(model_file=str(llama_sp_model))
     ref = transformers_tokenizer(tiny_gguf)
-    for text in SAMPLE_TEXTS + ["trailing space ", "llamas  carry   25 to 30%", " leading", "  x\n y"]:
+    for text in SAMPLE_TEXTS + [
+        "trailing space ",
+        "llamas  carry   25 to 30%",
+        " leading",
+        "  x\n y",
+    ]:
         ids = ours.encode(text).ids
         assert ids == [1] + sp.encode(text), text  # BOS, then exactly SentencePiece's pieces
         assert ours.decode(ids, skip_special_tokens=True) == text
@@ -349,24 +417,35 @@ def test_spm_tokenizer_matches_sentencepiece_and_transformers(tiny_gguf, llama_s
             assert ids == ref.encode(text), text
     config = json.loads(source.files["tokenizer_config.json"])
     assert config["add_bos_token"] is True
-    assert (config["bos_token"], config["eos_token"], config["unk_token"]) == ("<s>", "</s>", "<unk>")
+    assert (config["bos_token"], config["eos_token"], config["unk_token"]) == (
+        "<s>",
+        "</s>",
+        "<unk>",
+    )
     assert config["chat_template"] == source.files["chat_template.jinja"]
-    assert json.loads(source.files["generation_config.json"]) == {"bos_token_id": 1, "eos_token_id": 2}
+    assert json.loads(source.files["generation_config.json"]) == {
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     assert ours.encode("</s>").ids == [1, 2]  # control tokens stay whole
 
 
 def test_llama3_style_byte_level_tokenizer(tmp_path):
     """A byte-level BPE vocabulary with Llama 3's split ('llama-bpe'): ours encodes like the
     tokenizer the vocabulary was trained as, and like transformers' GGUF loader."""
-    from tokenizers import Regex, models, pre_tokenizers, trainers
+    from tokenizers import models, pre_tokenizers, trainers
 
     from convert.gguf_tokenizer import BYTE_LEVEL_PRE_TOKENIZERS
 
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
     original = Tokenizer(models.BPE())
     original.pre_tokenizer = BYTE_LEVEL_PRE_TOKENIZERS["llama-bpe"]()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     paragraph = (Path(__file__).parent / "data" / "paragraph.txt").read_text()
     original.train_from_iterator([paragraph] + SAMPLE_TEXTS, trainer)
     state = json.loads(original.to_str())["model"]
@@ -393,11 +472,16 @@ def test_llama3_style_byte_level_tokenizer(tmp_path):
         assert ids == [0] + original.encode(text).ids, text
         assert ids == ref.encode(text), text
         assert ours.decode(ids, skip_special_tokens=True) == text.replace("<|eot_id|>", "").replace(
-            "<|end_of_text|>", "")
-    assert json.loads(source.files["generation_config.json"]) == {"bos_token_id": 0, "eos_token_id": 2}
+            "<|end_of_text|>", ""
+        )
+    assert json.loads(source.files["generation_config.json"]) == {
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+    }
 
 
 # -------------------------------------------------------------------------- errors
+
 
 @pytest.mark.parametrize("kind", [Q.Q5_K, Q.Q2_K, Q.BF16, Q.Q5_0])
 def test_unsupported_tensor_type_is_named(tmp_path, llama_sp_model, kind):
@@ -431,6 +515,7 @@ def test_not_a_gguf_file_is_refused(tmp_path):
 
 # ----------------------------------------------------------------- Llama 3 rope_freqs
 
+
 def test_llama3_rope_scaling_recovered_from_rope_freqs():
     """llama.cpp stores Llama 3 RoPE as per-frequency divisors; the rope_scaling we recover
     must give transformers' exact llama3 frequencies."""
@@ -438,12 +523,22 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     head_dim, theta = 128, 500000.0
-    truth = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-             "original_max_position_embeddings": 8192}
+    truth = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
 
     def inv_freq(scaling):
-        config = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, rope_theta=theta,
-                             rope_scaling=scaling, max_position_embeddings=131072)
+        config = LlamaConfig(
+            hidden_size=head_dim * 4,
+            num_attention_heads=4,
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=131072,
+        )
         kind = (scaling or {}).get("rope_type", "default")
         if kind == "default":
             return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
@@ -453,7 +548,9 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs():
     # long ones, and between them the inverse of a linear blend, in float64, stored as float32.
     wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
     blend = (8192 / wavelen - 1.0) / (4.0 - 1.0)
-    divisors = np.select([wavelen < 8192 / 4.0, wavelen > 8192 / 1.0], [1.0, 8.0], 1 / ((1 - blend) / 8.0 + blend))
+    divisors = np.select(
+        [wavelen < 8192 / 4.0, wavelen > 8192 / 1.0], [1.0, 8.0], 1 / ((1 - blend) / 8.0 + blend)
+    )
     divisors = divisors.astype(np.float32)
     np.testing.assert_allclose(inv_freq(None) / divisors, inv_freq(truth), rtol=1e-6)
     recovered = rope_scaling({}, "x.gguf", head_dim, theta, divisors)
@@ -462,10 +559,13 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs():
     np.testing.assert_allclose(llama3_divisors(recovered, head_dim, theta), divisors, rtol=1e-6)
     assert rope_scaling({}, "x.gguf", head_dim, theta, np.ones(head_dim // 2, np.float32)) is None
     with pytest.raises(MlxLlamaError, match="rope_freqs"):
-        rope_scaling({}, "x.gguf", head_dim, theta, np.linspace(1, 3, head_dim // 2).astype(np.float32))
+        rope_scaling(
+            {}, "x.gguf", head_dim, theta, np.linspace(1, 3, head_dim // 2).astype(np.float32)
+        )
 
 
 # -------------------------------------------------------------- SmolLM2 (real file)
+
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf_path):
@@ -476,9 +576,22 @@ def test_smollm2_config(smollm2):
     c = smollm2.config
     assert (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]) == (576, 1536, 30)
     assert (c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]) == (9, 3, 64)
-    assert (c["rms_norm_eps"], c["rope_theta"], c["max_position_embeddings"]) == (1e-5, 100000.0, 8192)
-    assert (c["vocab_size"], c["tie_word_embeddings"], c["bos_token_id"], c["eos_token_id"]) == (49152, True, 1, 2)
-    assert smollm2.quantization == {"group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8}}
+    assert (c["rms_norm_eps"], c["rope_theta"], c["max_position_embeddings"]) == (
+        1e-5,
+        100000.0,
+        8192,
+    )
+    assert (c["vocab_size"], c["tie_word_embeddings"], c["bos_token_id"], c["eos_token_id"]) == (
+        49152,
+        True,
+        1,
+        2,
+    )
+    assert smollm2.quantization == {
+        "group_size": 32,
+        "bits": 4,
+        "model.embed_tokens": {"group_size": 32, "bits": 8},
+    }
     assert smollm2.source == "gguf:SmolLM2-135M-Instruct.Q4_1.gguf (Q4_1)"
     assert "lm_head.weight" not in smollm2.weights
     assert c["torch_dtype"] == "float32"  # only the F32 norms are unquantized: nothing is cast
@@ -488,10 +601,18 @@ def test_smollm2_config(smollm2):
 
 def test_smollm2_blocks_bit_identical(smollm2, smollm2_gguf_path):
     reader = GGUFReader(str(smollm2_gguf_path))
-    assert_blocks_identical(smollm2, reader, "token_embd.weight", "model.embed_tokens", None)  # Q8_0
-    assert_blocks_identical(smollm2, reader, "blk.3.attn_q.weight", "model.layers.3.self_attn.q_proj", 9)
-    assert_blocks_identical(smollm2, reader, "blk.29.attn_k.weight", "model.layers.29.self_attn.k_proj", 3)
-    assert_blocks_identical(smollm2, reader, "blk.7.ffn_down.weight", "model.layers.7.mlp.down_proj", None)
+    assert_blocks_identical(
+        smollm2, reader, "token_embd.weight", "model.embed_tokens", None
+    )  # Q8_0
+    assert_blocks_identical(
+        smollm2, reader, "blk.3.attn_q.weight", "model.layers.3.self_attn.q_proj", 9
+    )
+    assert_blocks_identical(
+        smollm2, reader, "blk.29.attn_k.weight", "model.layers.29.self_attn.k_proj", 3
+    )
+    assert_blocks_identical(
+        smollm2, reader, "blk.7.ffn_down.weight", "model.layers.7.mlp.down_proj", None
+    )
 
 
 def test_smollm2_logits_and_perplexity_match_transformers(smollm2, smollm2_reference, paragraph):
