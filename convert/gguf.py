@@ -96,28 +96,6 @@ def read_gguf(path: str | Path) -> SourceModel:
     _check_types(header, path.name)
     modules = _module_names(header, path.name)
     arrays = _load_arrays(path)
-    heads = int(md.get(f"{ARCH}.attention.head_count", 0))
-    kv_heads = int(md.get(f"{ARCH}.attention.head_count_kv", heads))
-    weights: dict[str, mx.array] = {}
-    quantized: dict[str, str] = {}
-    for gguf_name, (module, kind) in modules.items():
-        info = header.tensors[gguf_name]
-        base = gguf_name[: -len(".weight")] if kind == "weight" else gguf_name
-        if info.type_name in QUANT_BITS:
-            parts = {
-                "weight": arrays.get(gguf_name),
-                "scales": arrays.get(f"{base}.scales"),
-                "biases": arrays.get(f"{base}.biases"),
-            }
-            _check_quantized(info, parts, path.name)
-            quantized[module] = info.type_name
-        else:
-            parts = {kind: arrays.get(gguf_name)}
-            _check_plain(info, parts[kind], path.name)
-        if module.endswith(("q_proj", "k_proj")):
-            n = heads if module.endswith("q_proj") else kv_heads
-            parts = {k: unpermute_rows(v, n) for k, v in parts.items()}
-        weights.update({f"{module}.{k}": v for k, v in parts.items()})
     rope_freqs = np.array(arrays[ROPE_FREQS]) if ROPE_FREQS in header.tensors else None
     config = build_config(
         md,
@@ -128,6 +106,19 @@ def read_gguf(path: str | Path) -> SourceModel:
         torch_dtype=_torch_dtype(header),
         rope_freqs=rope_freqs,
     )
+    weights: dict[str, mx.array] = {}
+    quantized: dict[str, str] = {}
+    for gguf_name, (module, kind) in modules.items():
+        info = header.tensors[gguf_name]
+        parts = _tensor_parts(info, kind, arrays, path.name)
+        if "scales" in parts:
+            quantized[module] = info.type_name
+        if module.endswith(("q_proj", "k_proj")):
+            key = "num_attention_heads" if module.endswith("q_proj") else "num_key_value_heads"
+            heads = config[key]
+            _check_head_rows(info, heads * config["head_dim"], path.name)
+            parts = {k: unpermute_rows(v, heads) for k, v in parts.items()}
+        weights.update({f"{module}.{k}": v for k, v in parts.items()})
     files = tokenizer_files(md, path.name, config["max_position_embeddings"])
     files["generation_config.json"] = _generation_config(md)
     return SourceModel(
@@ -178,6 +169,32 @@ def _load_arrays(path: Path) -> dict[str, mx.array]:
         raise MlxLlamaError(
             f"cannot read the tensors of {path.name} ({e}); the file is corrupt: download it again"
         ) from None
+
+
+def _tensor_parts(
+    info: TensorInfo, kind: str, arrays: dict[str, mx.array], name: str
+) -> dict[str, mx.array]:
+    """{'weight': ..., 'scales': ..., 'biases': ...} for a quantized tensor, {kind: array} else."""
+    if info.type_name not in QUANT_BITS:
+        parts = {kind: arrays.get(info.name)}
+        _check_plain(info, parts[kind], name)
+        return parts
+    base = info.name[: -len(".weight")]
+    parts = {
+        "weight": arrays.get(info.name),
+        "scales": arrays.get(f"{base}.scales"),
+        "biases": arrays.get(f"{base}.biases"),
+    }
+    _check_quantized(info, parts, name)
+    return parts
+
+
+def _check_head_rows(info: TensorInfo, rows: int, name: str) -> None:
+    if info.shape[0] != rows:
+        raise MlxLlamaError(
+            f"{name}: {info.name} has {info.shape[0]} rows but the metadata's heads give {rows}; "
+            "the file is inconsistent"
+        )
 
 
 def _check_quantized(info: TensorInfo, parts: dict[str, mx.array | None], name: str) -> None:
