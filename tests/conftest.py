@@ -170,10 +170,42 @@ def smollm2_reference(smollm2_gguf_path):
 
 @pytest.fixture(scope="session")
 def smollm2_mlx(smollm2_gguf_path, tmp_path_factory) -> Path:
-    """The bundled GGUF imported into an MLX folder (the default model's path, in a temp cache)."""
-    from convert.api import convert
+    """The bundled default model, imported by the same code path users get (in a temp cache)."""
+    import os
 
-    return convert(str(smollm2_gguf_path), tmp_path_factory.mktemp("smol") / "mlx", progress=False)
+    from convert import bundled
+
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg"))
+    try:
+        return bundled.default_model_dir()
+    finally:
+        if old is None:
+            del os.environ["XDG_CACHE_HOME"]
+        else:
+            os.environ["XDG_CACHE_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def smollm2_paragraph(smollm2_mlx, smollm2_reference, paragraph) -> dict:
+    """Token ids of the test paragraph with our (float32) and transformers' logits for them.
+
+    A SmolLM2 forward over ~250 tokens takes tens of seconds on MLX's CPU backend, so the
+    logits are computed once per session and shared by every test that needs them.
+    """
+    import mlx.core as mx
+    import numpy as np
+    import torch
+
+    from mlx_llama.loading import load_model
+    from mlx_llama.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(smollm2_mlx).encode(paragraph.strip())
+    model, _ = load_model(smollm2_mlx, compute_dtype=mx.float32)
+    ours = np.array(model(mx.array([ids]))[0])
+    with torch.no_grad():
+        ref = smollm2_reference(torch.tensor([ids])).logits[0].numpy()
+    return {"ids": ids, "ours": ours, "reference": ref}
 
 
 @pytest.fixture(scope="session")

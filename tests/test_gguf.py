@@ -615,13 +615,13 @@ def test_smollm2_blocks_bit_identical(smollm2, smollm2_gguf_path):
     )
 
 
-def test_smollm2_logits_and_perplexity_match_transformers(smollm2, smollm2_reference, paragraph):
+def test_smollm2_logits_and_perplexity_match_transformers(smollm2, smollm2_paragraph, paragraph):
     """One forward pass over the paragraph gives both checks: every position's logits (the
     first ones are the "short prompt") and the paragraph's perplexity."""
     tokenizer = Tokenizer.from_str(smollm2.files["tokenizer.json"])
     ids = tokenizer.encode(paragraph.strip()).ids
-    ours = logits_of(build_model(smollm2), ids)
-    ref = transformers_logits(smollm2_reference, ids)
+    assert ids == smollm2_paragraph["ids"]  # the shared logits are for this very text
+    ours, ref = smollm2_paragraph["ours"], smollm2_paragraph["reference"]
     assert np.abs(ours[:16] - ref[:16]).max() < 1e-3
     assert np.abs(ours - ref).max() < 1e-3
     ppl, ref_ppl = perplexity(ours, ids), perplexity(ref, ids)

@@ -42,31 +42,21 @@ def test_greedy_continuation_matches_transformers(ours, tokenizer, smollm2_refer
     assert got == ref
 
 
-def reference_nll(model, tokens) -> np.ndarray:
-    import torch
+def test_8bit_conversion_keeps_perplexity(smollm2_hf_bf16, smollm2_paragraph, tmp_path):
+    """8-bit conversion of the bfloat16 export against full precision.
 
-    with torch.no_grad():
-        logits = model(torch.tensor(tokens)).logits.numpy()
-    return nll_per_token(logits, tokens)
-
-
-def test_paragraph_perplexity_matches_transformers(ours, tokenizer, smollm2_reference, paragraph):
-    tokens = np.array([tokenizer.encode(paragraph)])
-    assert tokens.shape[1] > 150
-    ppl_ref = np.exp(reference_nll(smollm2_reference, tokens).mean())
-    ppl = np.exp(nll_per_token(ours(mx.array(tokens)), tokens).mean())
-    assert abs(ppl / ppl_ref - 1) < 0.005
-
-
-def test_8bit_conversion_keeps_perplexity(smollm2_hf_bf16, tokenizer, tmp_path, paragraph):
+    The export holds the GGUF's dequantized weights, so the full-precision model's logits are
+    those of the imported GGUF run in float32 (the shared `smollm2_paragraph`), not a second
+    dense float32 forward, which MLX's CPU backend makes minutes long. The first 128 tokens
+    keep the 8-bit forward short; logits are causal, so the window is exact.
+    """
     from convert.api import convert
 
-    full, _ = load_model(smollm2_hf_bf16, compute_dtype=mx.float32)
     q8_folder = convert(str(smollm2_hf_bf16), tmp_path / "q8", quantize=True, bits=8,
                         progress=False)
     q8, _ = load_model(q8_folder, compute_dtype=mx.float32)
-    assert "scales" in str(q8.model.layers[0].mlp.down_proj.parameters().keys())
-    tokens = np.array([tokenizer.encode(paragraph)])
-    ppl_full = np.exp(nll_per_token(full(mx.array(tokens)), tokens).mean())
-    ppl_q8 = np.exp(nll_per_token(q8(mx.array(tokens)), tokens).mean())
+    assert q8.model.layers[0].mlp.down_proj.bits == 8
+    ids = np.array([smollm2_paragraph["ids"][:128]])
+    ppl_full = np.exp(nll_per_token(smollm2_paragraph["ours"][None, :128], ids).mean())
+    ppl_q8 = np.exp(nll_per_token(q8(mx.array(ids)), ids).mean())
     assert abs(ppl_q8 / ppl_full - 1) < 0.02
