@@ -80,6 +80,15 @@ def print_stats(last) -> None:
     )
 
 
+def prefill_progress(done: int, total: int) -> None:
+    """Shown only on a terminal and only for prompts longer than one chunk."""
+    from .generate import PREFILL_CHUNK
+
+    if sys.stderr.isatty() and total > PREFILL_CHUNK:
+        end = "\n" if done == total else ""
+        print(f"\rprefill: {done}/{total} tokens", end=end, file=sys.stderr, flush=True)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import stream_generate
     from .loading import load
@@ -92,6 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for last in stream_generate(
         model, tokenizer, prompt, args.max_tokens, sampling=sampling_params(args),
         stop=args.stop, chat=False if args.no_chat_template else None,
+        prefill_progress=prefill_progress,
     ):
         print(last.text, end="", flush=True)
     print()
