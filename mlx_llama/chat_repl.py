@@ -24,19 +24,23 @@ def run_repl(args: argparse.Namespace) -> int:
     model, tokenizer = load(resolve_model(args.model))
     params = sampling_params(args)
     chat = Conversation(model, tokenizer, args.system)
+    print(f"chatting with {args.model or 'the bundled SmolLM2'}; {HELP}", file=sys.stderr)
+    try:
+        converse(chat, model, tokenizer, params, args)
+    except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: leave quietly
+        print(file=sys.stderr)
+    return 0
+
+
+def converse(chat: Conversation, model, tokenizer, params, args: argparse.Namespace) -> None:
+    """Read, answer, repeat; returns on /quit. Ctrl-C during a reply only stops that reply."""
     out, err = sys.stdout, sys.stderr
-    print(f"chatting with {args.model or 'the bundled SmolLM2'}; {HELP}", file=err)
     while True:
-        try:
-            line = input(">>> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=err)
-            return 0
-        text = line.strip()
+        text = input(">>> ").strip()
         if not text:
             continue
         if text in ("/quit", "/exit", "/bye"):
-            return 0
+            return
         if text == "/help":
             print(HELP, file=err)
             continue

@@ -103,3 +103,24 @@ def test_chat_reset_starts_over(chat_model):
     assert result.returncode == 0, result.stderr
     cached = re.findall(r"tokens: (\d+) cached", result.stderr)
     assert cached == ["0", "0"] and "conversation cleared" in result.stderr
+
+
+def test_chat_ctrl_c_at_the_prompt_leaves_cleanly(chat_model):
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_llama.cli", "chat", "-m", str(chat_model)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        banner = ""
+        while "chatting with" not in banner and time.time() < deadline:
+            banner += proc.stderr.readline()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert "Traceback" not in err
