@@ -1,17 +1,45 @@
 """Key/value caches for incremental decoding.
 
-`KVCache` keeps keys and values at the *key/value* head count (grouped-query attention is done
-by the fused attention kernel, never by repeating heads in memory) and grows its buffers in
-blocks of `step` tokens, so appending a token is a slice update rather than a reallocation.
+Every kind keeps keys and values at the *key/value* head count (grouped-query attention is done
+by the attention kernel, never by repeating heads in memory) and shares one small interface:
+`offset` (tokens seen, the rotary position of the next token), `update_and_fetch(k, v)`,
+`make_mask(length)` (the mask for the queries just added), `state`/`restore` (the arrays a
+prompt-cache file holds), `nbytes`, `is_trimmable` and `trim(n)`.
+
+- `KVCache` (the default) grows its buffers in blocks of `step` tokens, so appending a token is
+  a slice update rather than a reallocation; memory is proportional to the tokens held.
+- `QuantizedKVCache` stores keys and values with `mx.quantize` (8 or 4 bits) and hands the
+  packed triples to the attention, which multiplies with them directly; it can hold the first
+  `start` tokens in full precision and quantize from then on.
+- `RotatingKVCache` keeps the first `keep` tokens and the most recent ones, at most `max_size`
+  in all, so a chat can go on forever in bounded memory.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlx.core as mx
+
+from .errors import MlxLlamaError
+
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+
+
+def causal_mask(length: int) -> str | None:
+    """The mask for `length` new queries that see every held key before them.
+
+    "causal" aligns the mask to the end of the keys, which is what a prompt chunk that follows
+    cached tokens needs; a single decode token attends to everything.
+    """
+    return "causal" if length > 1 else None
 
 
 class KVCache:
+    kind = "default"
     step = 256
+    is_trimmable = True
 
     def __init__(self) -> None:
         self.keys: mx.array | None = None
@@ -57,6 +85,359 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.state)
 
+    def make_mask(self, length: int) -> str | None:
+        return causal_mask(length)
+
+    def options(self) -> dict[str, Any]:
+        """Constructor arguments (saved in prompt-cache files to rebuild the same kind)."""
+        return {}
+
+    @property
+    def meta_state(self) -> dict[str, int]:
+        return {"offset": self.offset}
+
+    def restore(self, arrays: list[mx.array], meta: dict[str, int]) -> None:
+        """Take back what `state` and `meta_state` gave (the inverse of saving)."""
+        self.keys, self.values = arrays
+        self.offset = int(meta["offset"])
+        _check_restored(self.keys, self.offset)
+
+
+def _check_restored(keys: mx.array, offset: int) -> None:
+    if keys.shape[2] != offset:
+        raise ValueError(f"the cache holds {keys.shape[2]} tokens but its offset says {offset}")
+
+
+class QuantizedKVCache:
+    """Keys and values stored as `mx.quantize` triples (packed uint32, scales, biases).
+
+    At 8 bits and group size 64 a float16 value takes 8 + 2*16/64 = 8.5 bits instead of 16,
+    at 4 bits 4.5: memory per token is about 53% and 28% of the default cache's (27% and
+    14% of a float32 one). `update_and_fetch` returns the triples; attention multiplies them
+    with `mx.quantized_matmul` (see quantized_attention.py) and never dequantizes the cache.
+
+    With `start > 0` the first updates are held in a plain `KVCache`; the update that finds
+    `start` or more tokens held quantizes them all and continues quantized, so a prompt can
+    be prefilled at full precision and the long decode tail stored small.
+    """
+
+    kind = "quantized"
+    step = 256
+    is_trimmable = True
+
+    def __init__(self, bits: int = 8, group_size: int = 64, start: int = 0) -> None:
+        check_quantized_options(bits, group_size, start)
+        self.bits = bits
+        self.group_size = group_size
+        self.start = start
+        self.offset = 0
+        self.keys: tuple[mx.array, ...] | None = None
+        self.values: tuple[mx.array, ...] | None = None
+        self._plain: KVCache | None = KVCache() if start > 0 else None
+
+    @property
+    def quantized(self) -> bool:
+        """False while the first `start` tokens are still held in full precision."""
+        return self._plain is None
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        if self._plain is not None:
+            if self.offset < self.start:
+                out = self._plain.update_and_fetch(keys, values)
+                self.offset = self._plain.offset
+                return out
+            self._quantize_plain()
+        new = keys.shape[2]
+        end = self.offset + new
+        if self.keys is None or end > self.keys[0].shape[2]:
+            self._grow(keys, values, end)
+        for buffers, parts in ((self.keys, self._quantize(keys)), (self.values, self._quantize(values))):
+            for buffer, part in zip(buffers, parts):
+                buffer[..., self.offset : end, :] = part
+        self.offset = end
+        return self._held(self.keys), self._held(self.values)
+
+    def _quantize(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    def _held(self, triple: tuple[mx.array, ...]) -> tuple[mx.array, ...]:
+        return tuple(a[..., : self.offset, :] for a in triple)
+
+    def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
+        capacity = ((needed + self.step - 1) // self.step) * self.step
+
+        def grown(old: tuple[mx.array, ...] | None, like: mx.array) -> tuple[mx.array, ...]:
+            batch, heads, _, dim = like.shape
+            per_word = 32 // self.bits
+            shapes = [(dim // per_word, mx.uint32), (dim // self.group_size, like.dtype),
+                      (dim // self.group_size, like.dtype)]
+            fresh = tuple(mx.zeros((batch, heads, capacity, width), dtype) for width, dtype in shapes)
+            if old is not None and self.offset:
+                for f, o in zip(fresh, old):
+                    f[..., : self.offset, :] = o[..., : self.offset, :]
+            return fresh
+
+        self.keys = grown(self.keys, keys)
+        self.values = grown(self.values, values)
+
+    def _quantize_plain(self) -> None:
+        plain, self._plain = self._plain, None
+        if plain.offset == 0:
+            return
+        keys, values = plain.state
+        self.keys, self.values = self._quantize(keys), self._quantize(values)
+        self.offset = plain.offset
+
+    @property
+    def state(self) -> tuple[mx.array, ...]:
+        if self._plain is not None:
+            return self._plain.state
+        if self.keys is None:
+            return ()
+        return self._held(self.keys) + self._held(self.values)
+
+    def trim(self, n: int) -> int:
+        if self._plain is not None:
+            n = self._plain.trim(n)
+            self.offset = self._plain.offset
+            return n
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
+
+    def make_mask(self, length: int) -> str | None:
+        return causal_mask(length)
+
+    def options(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group_size": self.group_size, "start": self.start}
+
+    @property
+    def meta_state(self) -> dict[str, int]:
+        return {"offset": self.offset, "quantized": int(self.quantized)}
+
+    def restore(self, arrays: list[mx.array], meta: dict[str, int]) -> None:
+        offset = int(meta["offset"])
+        if int(meta["quantized"]):
+            if len(arrays) != 6:
+                raise ValueError(f"a quantized layer needs 6 arrays, got {len(arrays)}")
+            self._plain = None
+            self.keys, self.values = tuple(arrays[:3]), tuple(arrays[3:])
+            self.offset = offset
+            _check_restored(self.keys[0], offset)
+        else:
+            self._plain = KVCache()
+            self._plain.restore(arrays, meta)
+            self.offset = offset
+
+
+def check_quantized_options(bits: int, group_size: int, start: int = 0,
+                            head_dim: int | None = None) -> None:
+    """Refuse settings `mx.quantize` cannot honour, naming the fix."""
+    if bits not in KV_BITS:
+        raise MlxLlamaError(f"--kv-bits must be 4 or 8, got {bits}")
+    if group_size not in KV_GROUP_SIZES:
+        raise MlxLlamaError(f"--kv-group-size must be 32, 64 or 128, got {group_size}")
+    if start < 0:
+        raise MlxLlamaError(f"--quantized-kv-start must be 0 or more, got {start}")
+    if head_dim is not None and head_dim % group_size:
+        fits = [g for g in KV_GROUP_SIZES if head_dim % g == 0]
+        fix = f"use --kv-group-size {' or '.join(map(str, fits))}" if fits else \
+            "this model cannot use a quantized cache: drop --kv-bits"
+        raise MlxLlamaError(
+            f"--kv-group-size {group_size} does not divide the model's head size {head_dim}: {fix}"
+        )
+
+
+class RotatingKVCache:
+    """At most `max_size` tokens: the first `keep` (attention sinks) and the most recent.
+
+    Decoding writes each new token over the oldest non-kept one (a ring buffer), so memory
+    stays flat however long the chat runs. Keys are stored already rotated at their absolute
+    positions, so overwriting never needs re-rotation and `offset` keeps counting every token
+    seen. A token at position p attends to the kept tokens and to the last `max_size - keep`
+    positions up to itself; a multi-token chunk gets an explicit mask with that window, so
+    chunked prefill gives the same result as feeding tokens one at a time. Until the cache
+    first overflows it is exactly the default cache (same arrays, same masks).
+    """
+
+    kind = "rotating"
+    step = 256
+
+    def __init__(self, max_size: int, keep: int = 4) -> None:
+        check_rotating_options(max_size, keep)
+        self.max_size = max_size
+        self.keep = keep
+        self.offset = 0
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.size = 0  # tokens held (<= max_size)
+        self._ring = keep  # next slot to overwrite once full
+        self._mask: str | mx.array | None = None
+
+    @property
+    def window(self) -> int:
+        """How many recent positions (the query's own included) a query sees besides `keep`."""
+        return self.max_size - self.keep
+
+    @property
+    def is_trimmable(self) -> bool:
+        """Only while nothing has been dropped: a dropped token cannot come back."""
+        return self.size == self.offset
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if keys.shape[2] == 1:
+            return self._append_one(keys, values)
+        return self._append_chunk(keys, values)
+
+    def _append_one(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if self.size < self.max_size:
+            slot = self.size
+            if self.keys is None or slot >= self.keys.shape[2]:
+                self._grow(keys, values)
+            self.size += 1
+        else:
+            slot = self._ring
+            self._ring = self._ring + 1 if self._ring + 1 < self.max_size else self.keep
+        self.keys[..., slot : slot + 1, :] = keys
+        self.values[..., slot : slot + 1, :] = values
+        self.offset += 1
+        self._mask = None  # one query: order does not matter, and everything held is visible
+        return self.keys[..., : self.size, :], self.values[..., : self.size, :]
+
+    def _grow(self, keys: mx.array, values: mx.array) -> None:
+        capacity = min(self.max_size, self.size + self.step)
+        batch, heads, _, k_dim = keys.shape
+        grown_k = mx.zeros((batch, heads, capacity, k_dim), keys.dtype)
+        grown_v = mx.zeros((batch, heads, capacity, values.shape[3]), values.dtype)
+        if self.size:
+            grown_k[..., : self.size, :] = self.keys[..., : self.size, :]
+            grown_v[..., : self.size, :] = self.values[..., : self.size, :]
+        self.keys, self.values = grown_k, grown_v
+
+    def _in_order(self) -> tuple[mx.array, mx.array] | tuple[()]:
+        """The held keys/values, oldest first."""
+        if self.size == 0:
+            return ()
+        k, v = self.keys[..., : self.size, :], self.values[..., : self.size, :]
+        if self.size < self.max_size or self._ring == self.keep:
+            return k, v
+        r, keep = self._ring, self.keep
+        return tuple(
+            mx.concatenate([a[..., :keep, :], a[..., r:, :], a[..., keep:r, :]], axis=2)
+            for a in (k, v)
+        )
+
+    def held_positions(self) -> mx.array:
+        """Absolute positions of the held tokens, oldest first."""
+        if self.size == self.offset:
+            return mx.arange(self.size)
+        recent = self.size - self.keep
+        return mx.concatenate([mx.arange(self.keep), mx.arange(self.offset - recent, self.offset)])
+
+    def _append_chunk(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        new = keys.shape[2]
+        held = self._in_order()
+        if held:
+            all_k = mx.concatenate([held[0], keys], axis=2)
+            all_v = mx.concatenate([held[1], values], axis=2)
+        else:
+            all_k, all_v = keys, values
+        if self.is_trimmable and self.offset + new <= self.max_size:
+            self._mask = "causal"  # nothing falls outside the window: the default cache's mask
+        else:
+            key_pos = mx.concatenate([self.held_positions(), mx.arange(self.offset, self.offset + new)])
+            query_pos = mx.arange(self.offset, self.offset + new)[:, None]
+            seen = key_pos[None, :] <= query_pos
+            in_window = (key_pos[None, :] < self.keep) | (query_pos - key_pos[None, :] < self.window)
+            self._mask = seen & in_window
+        self.offset += new
+        total = all_k.shape[2]
+        if total > self.max_size:
+            tail = total - self.window
+            self.keys, self.values = (
+                mx.concatenate([a[..., : self.keep, :], a[..., tail:, :]], axis=2)
+                for a in (all_k, all_v)
+            )
+        else:
+            self.keys, self.values = all_k, all_v
+        self.size = self.keys.shape[2]
+        self._ring = self.keep
+        return all_k, all_v
+
+    def make_mask(self, length: int) -> str | mx.array | None:
+        """The mask for the `length` queries of the last update."""
+        return self._mask if length > 1 else None
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
+        """Held keys/values oldest first (a canonical order, for saving)."""
+        return self._in_order()
+
+    def trim(self, n: int) -> int:
+        if not self.is_trimmable:
+            return 0
+        n = min(self.offset, n)
+        self.offset -= n
+        self.size -= n
+        self._ring = self.keep
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
+
+    def options(self) -> dict[str, Any]:
+        return {"max_size": self.max_size, "keep": self.keep}
+
+    @property
+    def meta_state(self) -> dict[str, int]:
+        return {"offset": self.offset}
+
+    def restore(self, arrays: list[mx.array], meta: dict[str, int]) -> None:
+        self.keys, self.values = arrays
+        self.offset = int(meta["offset"])
+        self.size = self.keys.shape[2]
+        self._ring = self.keep
+        if self.size > self.max_size or self.size > self.offset or (
+            self.size < self.max_size and self.size != self.offset
+        ):
+            raise ValueError(f"{self.size} held tokens do not fit offset {self.offset}")
+
+
+def check_rotating_options(max_size: int, keep: int) -> None:
+    if keep < 0:
+        raise MlxLlamaError(f"the rotating cache's keep must be 0 or more, got {keep}")
+    if max_size <= keep:
+        raise MlxLlamaError(
+            f"--max-kv-size {max_size} must be larger than the {keep} tokens always kept: "
+            "give a larger size"
+        )
+
+
+CACHE_KINDS = {"default": KVCache, "quantized": QuantizedKVCache, "rotating": RotatingKVCache}
+
+
+def make_caches(num_layers: int, kind: str = "default", head_dim: int | None = None,
+                **options: Any) -> list:
+    """One cache of `kind` per layer; `options` are that kind's constructor arguments.
+
+    `head_dim` lets a quantized cache refuse a group size that does not divide the head
+    before anything runs.
+    """
+    if kind not in CACHE_KINDS:
+        raise MlxLlamaError(f"unknown cache kind '{kind}': use one of {', '.join(CACHE_KINDS)}")
+    if kind == "quantized":
+        check_quantized_options(options.get("bits", 8), options.get("group_size", 64),
+                                options.get("start", 0), head_dim)
+    try:
+        return [CACHE_KINDS[kind](**options) for _ in range(num_layers)]
+    except TypeError as e:
+        raise MlxLlamaError(f"bad option for the {kind} cache: {e}") from None
+
 
 class PromptCache:
     """Per-layer caches plus the token ids they hold, so a later prompt that starts with the
@@ -67,6 +448,8 @@ class PromptCache:
         self.make_layers = make_layers
         self.layers: list = make_layers()
         self.tokens: list[int] = []
+        # Set when loaded from a prompt-cache file: the text it holds, to continue from.
+        self.saved_prompt = None
 
     def reuse(self, tokens: list[int]) -> int:
         """Trim to the longest common prefix with `tokens`; return how many are reused.

@@ -11,7 +11,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache
+from .attention import attention
+from .cache import KVCache, causal_mask, make_caches
 from .config import ModelConfig
 from .rope import RoPE
 
@@ -41,10 +42,11 @@ class Attention(nn.Module):
         k = self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        # "causal" aligns the mask to the end of the keys, which is what a prompt chunk that
-        # follows cached tokens needs; a single decode token attends to everything.
-        mask = "causal" if length > 1 else None
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+            mask = cache.make_mask(length)  # a rotating cache may narrow the causal window
+        else:
+            mask = causal_mask(length)
+        # Quantized K/V, and query blocks that bound the score matrix: see attention.py.
+        out = attention(q, k, v, self.scale, mask, cache)
         out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
         return self.o_proj(out)
 
@@ -110,5 +112,7 @@ class Llama(nn.Module):
             return self.model.embed_tokens.as_linear(hidden)
         return self.lm_head(hidden)
 
-    def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.model.layers]
+    def make_cache(self, kind: str = "default", **options) -> list:
+        """Fresh per-layer caches: "default" (`KVCache`), "quantized" (bits, group_size,
+        start) or "rotating" (max_size, keep); see cache.py."""
+        return make_caches(len(self.model.layers), kind, head_dim=self.config.head_dim, **options)
