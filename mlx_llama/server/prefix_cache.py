@@ -37,15 +37,19 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _buffer_bytes(x) -> int:
+    if isinstance(x, (tuple, list)):  # quantized caches hold (packed, scales, biases)
+        return sum(_buffer_bytes(a) for a in x)
+    return getattr(x, "nbytes", 0) if x is not None else 0
+
+
 def allocated_bytes(cache: PromptCache) -> int:
     """Bytes the cache's buffers hold, capacity included (what eviction actually frees)."""
     total = 0
     for layer in cache.layers:
-        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if keys is not None and values is not None:
-            total += keys.nbytes + values.nbytes
-        else:
-            total += layer.nbytes
+        held = _buffer_bytes(getattr(layer, "keys", None)) + _buffer_bytes(
+            getattr(layer, "values", None))
+        total += max(held, layer.nbytes)
     return total
 
 
