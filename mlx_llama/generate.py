@@ -74,6 +74,26 @@ def prefill(
     return logits
 
 
+def choose(logits: mx.array, sampler, processor: LogitsProcessor | None = None):
+    """(1, vocab) logits -> (sampled token (1,), log-probabilities (1, vocab)), lazily."""
+    if processor is not None:
+        logits = processor(logits)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    token = sampler(logprobs)
+    if processor is not None:
+        processor.observe(token)
+    return token, logprobs
+
+
+def decode_step(model, token: mx.array, cache: list, sampler,
+                processor: LogitsProcessor | None = None) -> tuple[mx.array, mx.array]:
+    """The lazy graph of one decode step: the previous token in, the next one out.
+
+    Kept separate so the operation count of exactly this graph can be measured (opcount.py).
+    """
+    return choose(model(token.reshape(1, 1), cache)[:, -1, :], sampler, processor)
+
+
 def decode(
     model,
     first_logits: mx.array,
@@ -83,23 +103,10 @@ def decode(
     want_logprobs: bool = False,
 ) -> Iterator[tuple[int, mx.array | None]]:
     """Yield (token, logprobs) forever; the caller decides when to stop."""
-
-    def choose(logits: mx.array) -> tuple[mx.array, mx.array]:
-        if processor is not None:
-            logits = processor(logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = sampler(logprobs)
-        if processor is not None:
-            processor.observe(token)
-        return token, logprobs
-
-    def step(token: mx.array) -> tuple[mx.array, mx.array]:
-        return choose(model(token.reshape(1, 1), cache)[:, -1, :])
-
-    token, logprobs = choose(first_logits)
+    token, logprobs = choose(first_logits, sampler, processor)
     mx.async_eval(token, logprobs)
     while True:
-        next_token, next_logprobs = step(token)
+        next_token, next_logprobs = decode_step(model, token, cache, sampler, processor)
         mx.async_eval(next_token, next_logprobs)
         token_id = token.item()
         if processor is not None:

@@ -1,0 +1,322 @@
+"""mlx-llama against mlx-lm on the same Hugging Face checkpoint, in one run.
+
+    python benchmarks/compare_mlx_lm.py --model smollm2 --dtype bfloat16 [-p 128 -g 32 -n 3]
+    python benchmarks/compare_mlx_lm.py --model tinyllama --layers 2 --dtype float32
+    python benchmarks/compare_mlx_lm.py --model /path/to/hf_folder
+
+1. The source is a Hugging Face folder: `smollm2` (SmolLM2-135M-Instruct exported from the
+   bundled GGUF to bfloat16 or float32, as users would have it), `tinyllama` (random weights
+   in TinyLlama-1.1B's shapes with `--layers` layers), `tiny` (a toy shape, for CI) or a path.
+2. It is converted twice, each project with its *default* quantized conversion
+   (`mlx-llama convert -q` and `mlx_lm.convert(quantize=True)`), into `--work`.
+3. Each project's generator runs in its own worker process (so peak memory is its own), and
+   the parent alternates them, A B A B ..., one trial each, after one warm-up each: drift of a
+   noisy machine lands on both sides. Both are timed by the same clock
+   (`mlx_llama.bench.time_trial`) on the same fixed prompt, greedy, exactly `-g` tokens.
+4. Printed: median [min .. max] of each figure per project, the ratio mlx-llama / mlx-lm of
+   the medians, and the MLX operations in one decode step of each (`mlx_llama.opcount`).
+
+mlx-lm is needed only here (the `bench` extra): the runtime never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PROJECTS = ("mlx-llama", "mlx-lm")
+MARK = "@@bench "  # worker replies are the lines that start with this
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _load(project: str, folder: Path):
+    """(model, tokens(prompt, cache) -> iterator of ints, make_cache, step graph outputs)."""
+    import mlx.core as mx
+
+    if project == "mlx-llama":
+        from mlx_llama.bench import engine_tokens
+        from mlx_llama.generate import decode_step
+        from mlx_llama.loading import load_model
+        from mlx_llama.sampling import SamplingParams, make_sampler
+
+        model, _ = load_model(folder)
+        sampler = make_sampler(SamplingParams())
+
+        def step(token, cache):
+            return decode_step(model, token, cache, sampler)
+
+        return model, lambda prompt, cache: engine_tokens(model, prompt, cache), model.make_cache, step
+
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    model, _ = mlx_lm_load_model(folder)
+
+    def tokens(prompt, cache):
+        # mlx-lm's engine with its defaults (greedy sampler, prefill_step_size 2048).
+        for token, _ in generate_step(mx.array(prompt), model, max_tokens=-1, prompt_cache=cache):
+            yield token
+
+    def step(token, cache):
+        # What one iteration of generate_step builds (its `_step`): model, last position,
+        # log-softmax, greedy sampler.
+        logits = model(token.reshape(1, 1), cache=cache)[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        return mx.argmax(logprobs, axis=-1), logprobs.squeeze(0)
+
+    return model, tokens, lambda: make_prompt_cache(model), step
+
+
+def _ops(tokens_fn, make_cache, step, vocab: int):
+    """Operation count of one decode step after a short prompt."""
+    import mlx.core as mx
+
+    from mlx_llama.bench import fixed_prompt
+    from mlx_llama.opcount import graph_ops
+
+    cache = make_cache()
+    stream = tokens_fn(fixed_prompt(16, vocab, seed=1), cache)
+    first = next(stream)
+    stream.close()
+    mx.synchronize()
+    outputs = step(mx.array([first]), cache)
+    return graph_ops(*outputs)
+
+
+def worker(project: str, folder: Path, prompt_tokens: int, generation_tokens: int) -> None:
+    """Serve trials over stdin/stdout: 'trial' runs one timed generation, 'info' static data."""
+    from mlx_llama.bench import decode_bytes_per_token, fixed_prompt, parameter_bytes, time_trial
+
+    model, tokens_fn, make_cache, step = _load(project, folder)
+    vocab = (getattr(model, "config", None) or model.args).vocab_size
+    prompt = fixed_prompt(prompt_tokens, vocab)
+    holder: list = []
+
+    def start():
+        holder[:] = [make_cache()]
+        return tokens_fn(prompt, holder[0])
+
+    def reply(obj) -> None:
+        sys.stdout.write(MARK + json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    time_trial(start, prompt_tokens, generation_tokens)  # warm-up
+    info = {
+        "model_bytes": parameter_bytes(model),
+        "bytes_per_token": decode_bytes_per_token(model, holder[0], prompt_tokens,
+                                                  generation_tokens),
+        "ops": dict(_ops(tokens_fn, make_cache, step, vocab)),
+    }
+    reply({"ready": True})
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "info":
+            reply(info)
+        elif command == "trial":
+            t = time_trial(start, prompt_tokens, generation_tokens)
+            reply({"ttft_s": t.ttft_s, "decode_s": t.decode_s,
+                   "peak_memory_bytes": t.peak_memory_bytes})
+        elif command == "quit":
+            return
+
+
+class Worker:
+    def __init__(self, project: str, folder: Path, p: int, g: int):
+        self.project = project
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", project, str(folder), "-p", str(p), "-g", str(g)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        raise RuntimeError(f"{self.project} worker exited with status {self.proc.wait()}")
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+        self.proc.wait(timeout=60)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def source_folder(model: str, dtype: str, layers: int) -> Path:
+    import checkpoints
+
+    if model == "smollm2":
+        return checkpoints.smollm2(dtype)
+    if model == "tinyllama":
+        return checkpoints.tinyllama(dtype, layers)
+    if model == "tiny":
+        return checkpoints.tiny(dtype, layers)
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"{model}: not smollm2, tinyllama, tiny or a Hugging Face folder")
+    return path
+
+
+def convert_both(src: Path, work: Path, reconvert: bool) -> dict[str, Path]:
+    """Each project's default quantized conversion of `src` (reused when already there)."""
+    out = {"mlx-llama": work / f"{src.name}-mlx-llama", "mlx-lm": work / f"{src.name}-mlx-lm"}
+    if reconvert or not (out["mlx-llama"] / "config.json").is_file():
+        from convert.api import convert
+
+        convert(src, out["mlx-llama"], quantize=True, force=True, progress=False)
+    if reconvert or not (out["mlx-lm"] / "config.json").is_file():
+        import io
+        from contextlib import redirect_stdout
+
+        from mlx_lm import convert as mlx_lm_convert
+
+        shutil.rmtree(out["mlx-lm"], ignore_errors=True)
+        with redirect_stdout(io.StringIO()):
+            mlx_lm_convert(str(src), str(out["mlx-lm"]), quantize=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def compare(folders: dict[str, Path], p: int, g: int, n: int, log=print) -> dict:
+    """Alternate the two projects' trials; return per-project reports, ratios and op counts."""
+    from mlx_llama.bench import Trial, summarize
+
+    workers = {name: Worker(name, folders[name], p, g) for name in PROJECTS}
+    try:
+        for w in workers.values():
+            w.read()  # loaded and warmed up
+        info = {name: w.ask("info") for name, w in workers.items()}
+        trials: dict[str, list[Trial]] = {name: [] for name in PROJECTS}
+        for i in range(n):
+            for name, w in workers.items():
+                r = w.ask("trial")
+                trials[name].append(Trial(p, g, r["ttft_s"], r["decode_s"], r["peak_memory_bytes"]))
+                t = trials[name][-1]
+                log(f"  trial {i + 1}/{n} {name:9s} prompt {t.prompt_tps:8.1f} tok/s  "
+                    f"decode {t.generation_tps:7.2f} tok/s  peak {t.peak_memory_bytes / 1e6:7.1f} MB")
+    finally:
+        for w in workers.values():
+            w.close()
+    reports = {
+        name: summarize(str(folders[name]), trials[name], info[name]["model_bytes"],
+                        info[name]["bytes_per_token"]).to_json()
+        for name in PROJECTS
+    }
+    ours, theirs = (reports[name] for name in PROJECTS)
+    ops = {name: sum(info[name]["ops"].values()) for name in PROJECTS}
+    ratios = {
+        "prompt_tps": ours["prompt_tps"]["median"] / theirs["prompt_tps"]["median"],
+        "generation_tps": ours["generation_tps"]["median"] / theirs["generation_tps"]["median"],
+        "ttft_s": ours["ttft_s"]["median"] / theirs["ttft_s"]["median"],
+        "peak_memory_bytes": ours["peak_memory_bytes"]["median"] / theirs["peak_memory_bytes"]["median"],
+        "model_bytes": ours["model_bytes"] / theirs["model_bytes"],
+        "ops_per_decode_step": ops["mlx-llama"] / ops["mlx-lm"],
+    }
+    return {"reports": reports, "ratios": ratios, "ops": ops,
+            "op_breakdown": {name: info[name]["ops"] for name in PROJECTS}}
+
+
+def machine() -> str:
+    import mlx.core as mx
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, MLX {mx.__version__} {mx.default_device()}"
+
+
+def format_result(title: str, result: dict) -> str:
+    rows = [
+        ("prompt tokens/s", "prompt_tps", 1, 1),
+        ("decode tokens/s", "generation_tps", 1, 2),
+        ("time to first token ms", "ttft_s", 1e3, 1),
+        ("peak memory MB", "peak_memory_bytes", 1e-6, 1),
+    ]
+    ours, theirs = (result["reports"][n] for n in PROJECTS)
+    lines = [title, f"{'':24s}{'mlx-llama':>28s}{'mlx-lm':>28s}{'ratio':>8s}"]
+
+    def cell(stat, scale, digits):
+        return (f"{stat['median'] * scale:.{digits}f} [{stat['min'] * scale:.{digits}f}.."
+                f"{stat['max'] * scale:.{digits}f}]")
+
+    for label, key, scale, digits in rows:
+        lines.append(f"{label:24s}{cell(ours[key], scale, digits):>28s}"
+                     f"{cell(theirs[key], scale, digits):>28s}{result['ratios'][key]:8.2f}")
+    lines.append(f"{'model size MB':24s}{ours['model_bytes'] / 1e6:28.1f}"
+                 f"{theirs['model_bytes'] / 1e6:28.1f}{result['ratios']['model_bytes']:8.2f}")
+    lines.append(f"{'implied GB/s':24s}{ours['bandwidth_gbs']['median']:28.2f}"
+                 f"{theirs['bandwidth_gbs']['median']:28.2f}")
+    lines.append(f"{'ops per decode step':24s}{result['ops']['mlx-llama']:28d}"
+                 f"{result['ops']['mlx-lm']:28d}{result['ratios']['ops_per_decode_step']:8.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2",
+                        help="smollm2 | tinyllama | tiny | a Hugging Face folder")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="dtype of the generated source checkpoint (smollm2/tinyllama/tiny)")
+    parser.add_argument("--layers", type=int, default=2, help="layers of tinyllama/tiny")
+    parser.add_argument("-p", "--prompt-tokens", type=int, default=128)
+    parser.add_argument("-g", "--generation-tokens", type=int, default=32)
+    parser.add_argument("-n", "--trials", type=int, default=3)
+    parser.add_argument("--work", type=Path,
+                        default=Path.home() / ".cache" / "mlx-llama-bench" / "converted")
+    parser.add_argument("--reconvert", action="store_true", help="convert again even if present")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--worker", nargs=2, metavar=("PROJECT", "FOLDER"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        worker(args.worker[0], Path(args.worker[1]), args.prompt_tokens, args.generation_tokens)
+        return 0
+    src = source_folder(args.model, args.dtype, args.layers)
+    folders = convert_both(src, args.work, args.reconvert)
+    title = (f"{src.name}, 4-bit default conversions, prompt {args.prompt_tokens}, "
+             f"generate {args.generation_tokens}, {args.trials} alternating trials\n{machine()}")
+    print(title, flush=True)
+    start = time.perf_counter()
+    result = compare(folders, args.prompt_tokens, args.generation_tokens, args.trials,
+                     log=lambda s: print(s, flush=True))
+    result.update(source=str(src), machine=machine(), prompt_tokens=args.prompt_tokens,
+                  generation_tokens=args.generation_tokens, trials=args.trials,
+                  seconds=time.perf_counter() - start)
+    print(format_result("median [min..max]; ratio = mlx-llama / mlx-lm", result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
