@@ -568,3 +568,61 @@ def test_one_log_line_per_request(client, caplog):
     for part in ("status=200", "in=", "out=3", "cached=", "prefill=", "decode=", "tok/s",
                  "cache="):
         assert part in line
+
+
+def test_declared_oversized_body_gets_413(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + API_KEY.encode() +
+                  b"\r\nContent-Length: 999999999\r\n\r\n")
+        head = s.recv(65536).decode("latin-1")
+    assert head.startswith("HTTP/1.1 413")
+    assert '"request_too_large"' in head
+
+
+# ------------------------------------------------------------------------------------------
+# The command line: `python -m mlx_llama.server` (what `mlx-llama serve` runs)
+# ------------------------------------------------------------------------------------------
+
+
+def test_serve_command_with_api_key_from_environment(chat_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLX_LLAMA_API_KEY": "env-key"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_llama.server", "-m", str(chat_model_dir), "--port", str(port),
+         "--model-name", "served", "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.1)
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="env-key", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["served"]
+        reply = client.completions.create(model="served", prompt="Llamas", max_tokens=3,
+                                          temperature=0, logit_bias=NO_EOS)
+        assert reply.usage.completion_tokens == 3
+        # A second server on the same port fails with one line, before loading the model.
+        busy = subprocess.run(
+            [sys.executable, "-m", "mlx_llama.server", "-m", str(chat_model_dir), "--port",
+             str(port)], env=env, capture_output=True, text=True, timeout=60)
+        assert busy.returncode == 1
+        assert busy.stderr.strip().startswith("error: cannot listen on")
+        assert len(busy.stderr.strip().splitlines()) == 1
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -442,8 +442,9 @@ async def collect(request: Request, ctx: ServerContext, job: Job, queue: asyncio
                 return fmt.whole("".join(parts), event.finish_reason, items, usage_of(event))
             else:
                 finished = True
-                if watcher.done() or job.cancelled.is_set():
+                if job.cancelled.is_set():  # the client left; nobody reads this reply
                     log_request(job, fmt.route, 499, None, started, "client disconnected")
+                    return None
                 raise error_of(event)
     finally:
         watcher.cancel()
@@ -470,6 +471,8 @@ async def respond(request: Request, ctx: ServerContext, job: Job, queue: asyncio
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                      "X-Request-Id": job.id})
     result = await collect(request, ctx, job, queue, fmt, started)
+    if result is None:
+        return error_json(499, "the client closed the connection", code="client_closed")
     return JSONResponse(result.model_dump(), headers={"X-Request-Id": job.id})
 
 
