@@ -313,19 +313,20 @@ def _wait_for(predicate, timeout=10.0):
 def test_disconnect_mid_stream_frees_the_worker(server, http, client):
     body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Talk forever."}],
             "max_tokens": 6000, "temperature": 0, "stream": True, "logit_bias": NO_EOS}
-    with http.stream("POST", "/v1/chat/completions", json=body) as stream:
-        lines = stream.iter_lines()
-        first = json.loads(next(line for line in lines if line.startswith("data:"))[5:])
-        long_id = first["id"]
-        while server.worker.current is None or server.worker.current.tokens_generated < 5:
-            time.sleep(0.002)
-        # A second request waits behind the long one...
-        waiting = ThreadPoolExecutor(1).submit(
-            chat, client, "Next please", max_tokens=4, temperature=0, logit_bias=NO_EOS)
-        _wait_for(lambda: server.worker.waiting == 1)
-    # ...and the client hangs up: the long job stops at its next token and the waiting
-    # request runs.
-    reply = waiting.result(timeout=30)
+    with ThreadPoolExecutor(1) as pool:
+        with http.stream("POST", "/v1/chat/completions", json=body) as stream:
+            lines = stream.iter_lines()
+            first = json.loads(next(line for line in lines if line.startswith("data:"))[5:])
+            long_id = first["id"]
+            _wait_for(lambda: server.worker.current is not None
+                      and server.worker.current.tokens_generated >= 5)
+            # A second request waits behind the long one...
+            waiting = pool.submit(chat, client, "Next please", max_tokens=4, temperature=0,
+                                  logit_bias=NO_EOS)
+            _wait_for(lambda: server.worker.waiting == 1)
+        # ...and the client hangs up: the long job stops at its next token and the waiting
+        # request runs.
+        reply = waiting.result(timeout=30)
     assert reply.usage.completion_tokens == 4
     cancelled = server.record(long_id)
     nxt = server.record(reply.id)
