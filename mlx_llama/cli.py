@@ -90,6 +90,7 @@ def prefill_progress(done: int, total: int) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .cache_options import continue_prompt, open_prompt_cache
     from .generate import stream_generate
     from .loading import load
 
@@ -97,10 +98,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.system and not args.no_chat_template:
         prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]
+    cache = open_prompt_cache(args, model)  # --prompt-cache FILE, or a fresh cache of the kind asked
+    prompt, chat = continue_prompt(cache, prompt, False if args.no_chat_template else None)
     last = None
     for last in stream_generate(
         model, tokenizer, prompt, args.max_tokens, sampling=sampling_params(args),
-        stop=args.stop, chat=False if args.no_chat_template else None,
+        stop=args.stop, chat=chat, cache=cache,
         prefill_progress=prefill_progress,
     ):
         print(last.text, end="", flush=True)
@@ -117,6 +120,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cache_options import add_cache_arguments
+
     parser = argparse.ArgumentParser(prog="mlx-llama", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -127,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-chat-template", action="store_true",
                    help="send the prompt as raw text even if the model has a chat template")
     add_sampling_arguments(g)
+    add_cache_arguments(g)  # --kv-bits, --kv-group-size, --quantized-kv-start, --max-kv-size, --prompt-cache
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat that keeps the conversation's cache")
