@@ -53,11 +53,18 @@ def quantized_attention(
     mask: str | mx.array | None,
     group_size: int,
     bits: int,
+    rotated_keys: bool = False,
 ) -> mx.array:
-    """softmax(scale * q K^T + mask) V for (B, heads, L, D) queries; returns (B, heads, L, D)."""
+    """softmax(scale * q K^T + mask) V for (B, heads, L, D) queries; returns (B, heads, L, D).
+
+    `rotated_keys`: the keys were stored as K H (Hadamard, see cache.py), so the queries are
+    rotated too: (q H)(K H)^T = q K^T.
+    """
     batch, heads, length, dim = queries.shape
     kv_heads = keys[0].shape[1]
     n_rep = heads // kv_heads
+    if rotated_keys:
+        queries = mx.hadamard_transform(queries, scale=dim**-0.5)
     q = (queries * scale).reshape(batch, kv_heads, n_rep, length, dim)
     # (B, kv, T, ...) -> (B, kv, 1, T, ...): broadcast over the n_rep query heads of a group.
     k = tuple(mx.expand_dims(a, 2) for a in keys)
@@ -93,7 +100,8 @@ def fused_kernel() -> bool:
 
 def _attend(q, k, v, scale: float, mask, cache) -> mx.array:
     if isinstance(k, tuple):  # a quantized cache hands back (packed, scales, biases)
-        return quantized_attention(q, k, v, scale, mask, cache.group_size, cache.bits)
+        return quantized_attention(q, k, v, scale, mask, cache.group_size, cache.bits,
+                                   cache.rotated_keys(q.shape[-1]))
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 

@@ -114,7 +114,14 @@ class QuantizedKVCache:
     At 8 bits and group size 64 a float16 value takes 8 + 2*16/64 = 8.5 bits instead of 16,
     at 4 bits 4.5: memory per token is about 53% and 28% of the default cache's (27% and
     14% of a float32 one). `update_and_fetch` returns the triples; attention multiplies them
-    with `mx.quantized_matmul` (see quantized_attention.py) and never dequantizes the cache.
+    with `mx.quantized_matmul` (see attention.py) and never dequantizes the cache.
+
+    Keys are rotated by an orthonormal Hadamard transform H before quantizing (and attention
+    rotates the queries by the same H, so q.k = qH.kH). A few channels of rotary keys carry
+    much larger values than the rest; in a group sharing one scale they crush the others
+    to a handful of levels. H spreads every channel over all of them, which at 4 bits turns
+    a ~10% perplexity loss on SmolLM2 into ~1-3%. Values have no such outliers and are
+    stored as they are. Head sizes the transform does not support are stored unrotated.
 
     With `start > 0` the first updates are held in a plain `KVCache`; the update that finds
     `start` or more tokens held quantizes them all and continues quantized, so a prompt can
@@ -125,11 +132,13 @@ class QuantizedKVCache:
     step = 256
     is_trimmable = True
 
-    def __init__(self, bits: int = 8, group_size: int = 64, start: int = 0) -> None:
+    def __init__(self, bits: int = 8, group_size: int = 64, start: int = 0,
+                 rotate_keys: bool = True) -> None:
         check_quantized_options(bits, group_size, start)
         self.bits = bits
         self.group_size = group_size
         self.start = start
+        self.rotate_keys = rotate_keys
         self.offset = 0
         self.keys: tuple[mx.array, ...] | None = None
         self.values: tuple[mx.array, ...] | None = None
@@ -151,7 +160,8 @@ class QuantizedKVCache:
         end = self.offset + new
         if self.keys is None or end > self.keys[0].shape[2]:
             self._grow(keys, values, end)
-        for buffers, parts in ((self.keys, self._quantize(keys)), (self.values, self._quantize(values))):
+        stored = ((self.keys, self._quantize(self._rotate(keys))), (self.values, self._quantize(values)))
+        for buffers, parts in stored:
             for buffer, part in zip(buffers, parts):
                 buffer[..., self.offset : end, :] = part
         self.offset = end
@@ -159,6 +169,13 @@ class QuantizedKVCache:
 
     def _quantize(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    def _rotate(self, keys: mx.array) -> mx.array:
+        return hadamard(keys) if self.rotated_keys(keys.shape[-1]) else keys
+
+    def rotated_keys(self, head_dim: int) -> bool:
+        """Whether stored keys are Hadamard-rotated (attention must rotate queries to match)."""
+        return self.rotate_keys and hadamard_supported(head_dim)
 
     def _held(self, triple: tuple[mx.array, ...]) -> tuple[mx.array, ...]:
         return tuple(a[..., : self.offset, :] for a in triple)
@@ -185,7 +202,7 @@ class QuantizedKVCache:
         if plain.offset == 0:
             return
         keys, values = plain.state
-        self.keys, self.values = self._quantize(keys), self._quantize(values)
+        self.keys, self.values = self._quantize(self._rotate(keys)), self._quantize(values)
         self.offset = plain.offset
 
     @property
@@ -213,7 +230,8 @@ class QuantizedKVCache:
         return causal_mask(length)
 
     def options(self) -> dict[str, Any]:
-        return {"bits": self.bits, "group_size": self.group_size, "start": self.start}
+        return {"bits": self.bits, "group_size": self.group_size, "start": self.start,
+                "rotate_keys": self.rotate_keys}
 
     @property
     def meta_state(self) -> dict[str, int]:
@@ -232,6 +250,19 @@ class QuantizedKVCache:
             self._plain = KVCache()
             self._plain.restore(arrays, meta)
             self.offset = offset
+
+
+def hadamard_supported(dim: int) -> bool:
+    """`mx.hadamard_transform` sizes: m * 2**k with m in (1, 12, 20, 28)."""
+    for m in (1, 12, 20, 28):
+        if dim % m == 0 and (dim // m) & (dim // m - 1) == 0:
+            return True
+    return False
+
+
+def hadamard(x: mx.array) -> mx.array:
+    """x @ H over the last axis, H the orthonormal (and symmetric) Hadamard matrix."""
+    return mx.hadamard_transform(x, scale=x.shape[-1] ** -0.5)
 
 
 def check_quantized_options(bits: int, group_size: int, start: int = 0,
@@ -388,7 +419,9 @@ class RotatingKVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.state)
+        if self.keys is None:
+            return 0
+        return sum(a[..., : self.size, :].nbytes for a in (self.keys, self.values))
 
     def options(self) -> dict[str, Any]:
         return {"max_size": self.max_size, "keep": self.keep}

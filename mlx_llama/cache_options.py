@@ -70,8 +70,9 @@ def open_prompt_cache(args: argparse.Namespace, model) -> PromptCache:
 
     cache = load_prompt_cache(path, model)
     kind, options = cache_spec(args)
-    saved_kind = cache.layers[0].kind if cache.layers else "default"
-    if kind != "default" and (kind, options) != (saved_kind, cache.layers[0].options()):
+    saved_kind, saved_options = cache.layers[0].kind, cache.layers[0].options()
+    same = kind == saved_kind and all(saved_options.get(k) == v for k, v in options.items())
+    if kind != "default" and not same:
         raise MlxLlamaError(
             f"{path} holds a {saved_kind} cache: drop --kv-bits/--max-kv-size (the file's kind "
             "is used) or re-create it with `mlx-llama cache-prompt` and those options"

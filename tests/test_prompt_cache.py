@@ -262,14 +262,38 @@ def test_cli_options_open_and_continue_a_saved_prompt(tiny, good_file):
     assert prompt == PREFIX + MORE and chat is False
     with pytest.raises(MlxLlamaError, match="holds a default cache"):
         open_prompt_cache(cache_args(["--prompt-cache", str(good_file), "--kv-bits", "8"]), model)
+    path = pc.save_prompt_cache(good_file.parent / "rot.safetensors",
+                                pc.cache_prompt(model, tok, pc.SavedPrompt(PREFIX), "rotating",
+                                                max_size=64), model)
+    same = open_prompt_cache(cache_args(["--prompt-cache", str(path), "--max-kv-size", "64"]), model)
+    assert same.layers[0].kind == "rotating" and same.layers[0].offset == len(same.tokens)
+    with pytest.raises(MlxLlamaError, match="holds a rotating cache"):
+        open_prompt_cache(cache_args(["--prompt-cache", str(path), "--max-kv-size", "65"]), model)
     fresh = open_prompt_cache(cache_args(["--max-kv-size", "64"]), model)
     assert fresh.layers[0].kind == "rotating" and fresh.saved_prompt is None
     assert continue_prompt(fresh, "hi", None) == ("hi", None)
 
 
-def test_cli_reports_a_bad_file_in_one_line(folders, tmp_path):
+def test_cli_generate_with_a_prompt_cache_equals_the_whole_prompt(folders, tmp_path):
+    folder, path = str(folders["a"]), str(tmp_path / "p.safetensors")
+    assert run_cli("cache-prompt", "-m", folder, "-p", PREFIX, "-o", path).returncode == 0
+    cached = run_cli("generate", "-m", folder, "--prompt-cache", path, "-p", MORE,
+                     "--max-tokens", "16")
+    whole = run_cli("generate", "-m", folder, "-p", PREFIX + MORE, "--max-tokens", "16")
+    assert cached.returncode == 0 == whole.returncode, cached.stderr + whole.stderr
+    assert cached.stdout == whole.stdout
+    _, tok = load(folders["a"])
+    n_cached, n_prompt = len(tok.encode(PREFIX)), len(tok.encode(PREFIX + MORE))
+    assert f"prompt: {n_prompt} tokens ({n_cached} cached)" in cached.stderr
+    assert f"prompt: {n_prompt} tokens (0 cached)" in whole.stderr
+
+
+def test_cli_reports_bad_files_in_one_line(folders, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 100)
+    out = run_cli("generate", "-m", str(folders["a"]), "--prompt-cache", str(bad), "-p", "x")
+    assert out.returncode == 1 and out.stderr.count("\n") == 1
+    assert "is corrupt or truncated" in out.stderr and "mlx-llama cache-prompt" in out.stderr
     out = run_cli("cache-prompt", "-m", str(folders["a"]), "-p", PREFIX, "-o",
                   str(tmp_path / "missing" / "x.safetensors"))
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "does not exist" in out.stderr
