@@ -633,3 +633,27 @@ def test_serve_command_with_api_key_from_environment(chat_model_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize("kind, options", [("quantized", {"bits": 8, "group_size": 32}),
+                                           ("rotating", {"max_size": 256})])
+def test_server_uses_the_chosen_kv_cache_kind(tmp_path, sp_model_file, kind, options):
+    """`serve --kv-bits/--max-kv-size` reach every request's cache, prefix reuse included."""
+    folder = make_hf_checkpoint(tmp_path / "hd32", sp_model_file, seed=5,
+                                num_attention_heads=2, num_key_value_heads=1)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    running = RunningServer(folder, cache_kind=(kind, options))
+    try:
+        client = running.client()
+        kw = dict(max_tokens=6, temperature=0, logit_bias=NO_EOS)
+        turn1 = [{"role": "user", "content": "Where do llamas live?"}]
+        first = chat(client, turn1, **kw)
+        assert first.choices[0].message.content
+        turn2 = turn1 + [{"role": "assistant", "content": first.choices[0].message.content},
+                         {"role": "user", "content": "And what do they eat?"}]
+        second = chat(client, turn2, **kw)
+        assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+        assert {c.kind for c in running.worker.prefix_cache.make_layers()} == {kind}
+    finally:
+        running.close()

@@ -31,9 +31,11 @@ def parse_bytes(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cache_options import add_cache_arguments
     from ..cli import add_model_argument
 
     add_model_argument(p)
+    add_cache_arguments(p, prompt_cache=False)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
@@ -66,7 +68,8 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def build(folder: Path, *, model_name: str | None = None, api_key: str | None = None,
-          max_queue: int = 16, prompt_cache_bytes: int = 2 << 30):
+          max_queue: int = 16, prompt_cache_bytes: int = 2 << 30,
+          cache_kind: tuple[str, dict] = ("default", {})):
     """Load the tokenizer, start the worker (which loads the model) and build the app."""
     from ..tokenizer import load_tokenizer
     from .app import create_app
@@ -74,7 +77,8 @@ def build(folder: Path, *, model_name: str | None = None, api_key: str | None = 
 
     tokenizer = load_tokenizer(folder)
     worker = GenerationWorker(load_model_fn(folder), tokenizer, max_queue=max_queue,
-                              prompt_cache_bytes=prompt_cache_bytes).start()
+                              prompt_cache_bytes=prompt_cache_bytes,
+                              cache_kind=cache_kind).start()
     app = create_app(worker, tokenizer, model_id=model_name or folder.name, api_key=api_key,
                      stop_worker_on_shutdown=True)
     return app, worker
@@ -87,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise MlxLlamaError("the server needs FastAPI and uvicorn: "
                             "pip install 'mlx-llama[server]'") from None
+    from ..cache_options import cache_spec
     from ..cli import resolve_model
 
     if args.max_queue < 0:
@@ -103,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     check_port_free(args.host, args.port)
     folder = resolve_model(args.model)
     app, worker = build(folder, model_name=args.model_name, api_key=api_key,
-                        max_queue=args.max_queue, prompt_cache_bytes=args.prompt_cache_bytes)
+                        max_queue=args.max_queue, prompt_cache_bytes=args.prompt_cache_bytes,
+                        cache_kind=cache_spec(args))
     model_id = app.state.ctx.model_id
     log.info("serving %r (context %d tokens) on http://%s:%d/v1", model_id,
              worker.context_length, args.host, args.port)

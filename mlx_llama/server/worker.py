@@ -19,6 +19,7 @@ forward passes; HTTP handlers only enqueue `Job`s and read the events a job emit
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -160,8 +161,11 @@ class GenerationWorker:
         max_queue: int = 16,
         prompt_cache_bytes: int = 2 << 30,
         history: int = 256,
+        cache_kind: tuple[str, dict] = ("default", {}),
     ) -> None:
         self._load_model = load_model
+        # (kind, options) for Llama.make_cache: the KV cache every request gets (--kv-bits...).
+        self.cache_kind = cache_kind
         self.tokenizer = tokenizer
         self.max_queue = max_queue
         self.prompt_cache_bytes = prompt_cache_bytes
@@ -254,7 +258,10 @@ class GenerationWorker:
     def _main(self) -> None:
         try:
             self.model = self._load_model()
-            self.prefix_cache = PrefixCacheStore(self.model.make_cache, self.prompt_cache_bytes)
+            kind, options = self.cache_kind
+            make_layers = functools.partial(self.model.make_cache, kind, **options)
+            make_layers()  # options are checked against the model before serving
+            self.prefix_cache = PrefixCacheStore(make_layers, self.prompt_cache_bytes)
         except BaseException as e:  # noqa: BLE001 - handed to start()
             self._load_error = e
             self._ready.set()
