@@ -21,6 +21,7 @@ import mlx.nn as nn
 
 from .config import ModelConfig
 from .errors import MlxLlamaError
+from .fused import use_dense_prefill
 from .model import Llama
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -93,6 +94,8 @@ def quantize_layers(model: nn.Module, quantization: dict[str, Any], weights: dic
         return dict(default)
 
     nn.quantize(model, class_predicate=choose)
+    # Same layers and parameters; prompt chunks on the CPU take the dense path (fused.py).
+    use_dense_prefill(model)
 
 
 def cast_floating(model: nn.Module, dtype: mx.Dtype) -> None:

@@ -14,6 +14,7 @@ import mlx.nn as nn
 from .attention import attention
 from .cache import KVCache, causal_mask, make_caches
 from .config import ModelConfig
+from .fused import RMSNorm, RotaryTables, decode_attention, lean_graph, rotary_constants, swiglu
 from .rope import RoPE
 
 
@@ -31,8 +32,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.rope = RoPE(self.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | None = None,
+                 rope: RotaryTables | None = None) -> mx.array:
         batch, length, _ = x.shape
+        if rope is not None and length == 1:
+            return self.decode(x, cache, rope)
         q = self.q_proj(x).reshape(batch, length, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(batch, length, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(batch, length, self.n_kv_heads, self.head_dim)
@@ -50,6 +54,23 @@ class Attention(nn.Module):
         out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
         return self.o_proj(out)
 
+    def decode(self, x: mx.array, cache, rope: RotaryTables) -> mx.array:
+        """One token with few operations (fused.py): for a single position, (B, 1, H*D) and
+        (B, H, 1, D) share a memory layout, so heads need a reshape and no transpose."""
+        batch, dim = x.shape[0], self.head_dim
+        # Rotated as (B*heads, D) rows: a 2-D matmul with the swap matrix (q gets the scale).
+        q = rope.rotate_queries(self.q_proj(x).reshape(-1, dim)).reshape(batch, -1, 1, dim)
+        k = rope.rotate_keys(self.k_proj(x).reshape(-1, dim)).reshape(batch, -1, 1, dim)
+        v = self.v_proj(x).reshape(batch, self.n_kv_heads, 1, dim)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        mask = cache.make_mask(1) if cache is not None else None
+        if isinstance(k, tuple) or mask is not None:
+            out = attention(q, k, v, 1.0, mask, cache).reshape(batch, 1, -1)
+        else:
+            out = decode_attention(q, k, v)
+        return self.o_proj(out)
+
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
@@ -62,7 +83,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -70,11 +91,12 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
-        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
+    def __call__(self, x: mx.array, cache: KVCache | None = None,
+                 rope: RotaryTables | None = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache, rope)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -83,14 +105,25 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [TransformerBlock(cfg) for _ in range(cfg.num_hidden_layers)]
-        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        # Underscored: not a parameter. Used by the lean decode step (fused.py).
+        self._rotary = rotary_constants(self.layers[0].self_attn.rope) if self.layers else None
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         h = self.embed_tokens(tokens)
         caches = cache if cache is not None else [None] * len(self.layers)
+        rope = self.rotary_tables(tokens.shape[1], caches[0] if caches else None)
         for layer, layer_cache in zip(self.layers, caches):
-            h = layer(h, layer_cache)
+            h = layer(h, layer_cache, rope)
         return self.norm(h)
+
+    def rotary_tables(self, length: int, cache) -> RotaryTables | None:
+        """Shared cos/sin for a decode step where RoPE is not a fused kernel (else None)."""
+        if length != 1 or not lean_graph() or self._rotary is None:
+            return None
+        attn = self.layers[0].self_attn
+        offset = cache.offset if cache is not None else 0
+        return RotaryTables.build(self._rotary, offset, 1, attn.rope.scale, attn.scale)
 
 
 class Llama(nn.Module):
