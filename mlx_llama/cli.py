@@ -122,7 +122,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .cache_options import add_cache_arguments
 
-    parser = argparse.ArgumentParser(prog="mlx-llama", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="mlx-llama",
+        description="Run Llama-family models locally with MLX: convert, generate, chat, serve.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt")
