@@ -42,6 +42,11 @@ def lean_graph() -> bool:
     return mx.default_device().type == mx.DeviceType.cpu
 
 
+def cast(x: mx.array, dtype: mx.Dtype) -> mx.array:
+    """`x` in `dtype`, adding no operation when it already is."""
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
 @mx.compile
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, weight, eps)
@@ -127,10 +132,10 @@ class RotaryTables:
 
     def rotate_queries(self, q: mx.array) -> mx.array:
         """Rotate and scale queries by the attention scale."""
-        return _rotate(q, self.swap, self.q_cos.astype(q.dtype), self.q_sin.astype(q.dtype))
+        return _rotate(q, self.swap, cast(self.q_cos, q.dtype), cast(self.q_sin, q.dtype))
 
     def rotate_keys(self, k: mx.array) -> mx.array:
-        return _rotate(k, self.swap, self.cos.astype(k.dtype), self.sin.astype(k.dtype))
+        return _rotate(k, self.swap, cast(self.cos, k.dtype), cast(self.sin, k.dtype))
 
 
 # ----------------------------------------------------------------------------- attention

@@ -4,10 +4,13 @@ Weights are opened lazily with `mx.load`, so nothing is read from disk until it 
 Quantized layers are built from the config's `quantization` block before the weights are
 loaded, exactly as mlx-lm lays them out, so the thousands of mlx-community folders load too.
 
-The compute dtype is chosen per backend: on the CPU backend MLX's quantized matmul is many
-times faster with float32 activations than with bfloat16/float16, so floating parameters
-(norms, quantization scales and biases) are cast to float32 there. On a GPU they keep the
-stored dtype, which halves memory traffic. The files on disk are never changed.
+The compute dtype is chosen per backend: on the CPU backend MLX's quantized matmul is about
+eight times faster with float32 activations than with bfloat16/float16, so activations and the
+parameters used directly (norms, unquantized weights) are float32 there, while quantization
+scales/biases and the KV cache keep the checkpoint's dtype (the memory mlx-lm uses). Prompt
+chunks take a dense bfloat16 product there (fused.py). On a GPU everything keeps the stored
+dtype, which halves memory traffic. An explicit `compute_dtype` is used for everything,
+exactly. The files on disk are never changed.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import mlx.nn as nn
 
 from .config import ModelConfig
 from .errors import MlxLlamaError
-from .fused import use_dense_prefill
+from .fused import lean_graph, use_dense_prefill
 from .model import Llama
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -94,17 +97,31 @@ def quantize_layers(model: nn.Module, quantization: dict[str, Any], weights: dic
         return dict(default)
 
     nn.quantize(model, class_predicate=choose)
-    # Same layers and parameters; prompt chunks on the CPU take the dense path (fused.py).
-    use_dense_prefill(model)
 
 
 def cast_floating(model: nn.Module, dtype: mx.Dtype) -> None:
-    """Cast every floating parameter (not the packed uint32 weights) to `dtype`."""
+    """Cast the floating parameters the arithmetic uses directly to `dtype`.
+
+    Quantization scales and biases keep their stored dtype: the quantized kernel reads them as
+    they are (float32 activations with bfloat16 scales give float32 results, bit for bit the
+    same as with float32 scales), and stored at bfloat16 they take half the memory.
+    """
     params = nn.utils.tree_flatten(model.parameters())
     model.load_weights(
-        [(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in params],
-        strict=False,
+        [(k, v.astype(dtype) if _compute_param(k, v) else v) for k, v in params], strict=False
     )
+
+
+def _compute_param(name: str, value: mx.array) -> bool:
+    return mx.issubdtype(value.dtype, mx.floating) and not name.endswith((".scales", ".biases"))
+
+
+def storage_dtype(model: nn.Module) -> mx.Dtype:
+    """The dtype the checkpoint holds its floating numbers in (before any cast)."""
+    for name, value in nn.utils.tree_flatten(model.parameters()):
+        if mx.issubdtype(value.dtype, mx.floating):
+            return value.dtype
+    return mx.float32
 
 
 def load_model(
@@ -130,10 +147,17 @@ def load_model(
             f"weights in {folder} do not fit its config.json ({str(e).splitlines()[0]}); "
             "re-convert the model"
         ) from None
-    if compute_dtype == "auto":
+    auto = compute_dtype == "auto"
+    if auto:
         compute_dtype = default_compute_dtype()
     if compute_dtype is not None:
+        # "auto" picks float32 on the CPU for its kernels' speed, not for more precision: the
+        # KV cache then stays at the checkpoint's precision, as the scales do. An explicit
+        # dtype is used throughout.
+        model.set_dtypes(compute_dtype, storage_dtype(model) if auto else compute_dtype)
         cast_floating(model, compute_dtype)
+    if auto and lean_graph():
+        use_dense_prefill(model)  # same layers and parameters; see fused.py
     model.eval()
     return model, raw
 
@@ -141,8 +165,9 @@ def load_model(
 def load(path_or_repo: str | Path, compute_dtype: mx.Dtype | None | str = "auto"):
     """Load a model folder (or a Hugging Face hub repo id of an MLX model).
 
-    Returns `(model, tokenizer)`. `compute_dtype="auto"` picks float32 on the CPU backend and
-    the stored dtype on a GPU; pass an `mx.Dtype` to force one, or None to keep the stored one.
+    Returns `(model, tokenizer)`. `compute_dtype="auto"` picks the fastest arithmetic per
+    backend (see the module docstring); pass an `mx.Dtype` to compute everything in it, or None
+    to keep the stored one.
     """
     from .hub import resolve_model_folder
     from .tokenizer import load_tokenizer

@@ -14,7 +14,8 @@ import mlx.nn as nn
 from .attention import attention
 from .cache import KVCache, causal_mask, make_caches
 from .config import ModelConfig
-from .fused import RMSNorm, RotaryTables, decode_attention, lean_graph, rotary_constants, swiglu
+from .fused import (RMSNorm, RotaryTables, cast, decode_attention, lean_graph,
+                    rotary_constants, swiglu)
 from .rope import RoPE
 
 
@@ -31,6 +32,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.rope = RoPE(self.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.kv_dtype: mx.Dtype | None = None  # None: keys/values in the activations' dtype
+
+    def _stored(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        if self.kv_dtype is None:
+            return k, v
+        return cast(k, self.kv_dtype), cast(v, self.kv_dtype)
+
+    def _attend(self, q: mx.array, k, v, scale: float, mask, cache) -> mx.array:
+        """(B, H, L, D) queries -> (B, L, H*D), computed at the cache's dtype (the queries are
+        cast to it) and returned at the queries' dtype."""
+        kv = (k[1] if isinstance(k, tuple) else k).dtype  # scales of a quantized cache
+        if not isinstance(k, tuple) and mask is None and q.shape[2] == 1 and lean_graph():
+            q = q if scale == 1.0 else q * scale
+            return cast(decode_attention(cast(q, kv), k, v), q.dtype)
+        out = cast(attention(cast(q, kv), k, v, scale, mask, cache), q.dtype)
+        return out.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[2], -1)
 
     def __call__(self, x: mx.array, cache: KVCache | None = None,
                  rope: RotaryTables | None = None) -> mx.array:
@@ -44,15 +61,14 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset)
         k = self.rope(k, offset)
+        k, v = self._stored(k, v)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
             mask = cache.make_mask(length)  # a rotating cache may narrow the causal window
         else:
             mask = causal_mask(length)
         # Quantized K/V, and query blocks that bound the score matrix: see attention.py.
-        out = attention(q, k, v, self.scale, mask, cache)
-        out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
-        return self.o_proj(out)
+        return self.o_proj(self._attend(q, k, v, self.scale, mask, cache))
 
     def decode(self, x: mx.array, cache, rope: RotaryTables) -> mx.array:
         """One token with few operations (fused.py): for a single position, (B, 1, H*D) and
@@ -62,14 +78,11 @@ class Attention(nn.Module):
         q = rope.rotate_queries(self.q_proj(x).reshape(-1, dim)).reshape(batch, -1, 1, dim)
         k = rope.rotate_keys(self.k_proj(x).reshape(-1, dim)).reshape(batch, -1, 1, dim)
         v = self.v_proj(x).reshape(batch, self.n_kv_heads, 1, dim)
+        k, v = self._stored(k, v)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         mask = cache.make_mask(1) if cache is not None else None
-        if isinstance(k, tuple) or mask is not None:
-            out = attention(q, k, v, 1.0, mask, cache).reshape(batch, 1, -1)
-        else:
-            out = decode_attention(q, k, v)
-        return self.o_proj(out)
+        return self.o_proj(self._attend(q, k, v, 1.0, mask, cache))
 
 
 class MLP(nn.Module):
@@ -108,9 +121,12 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         # Underscored: not a parameter. Used by the lean decode step (fused.py).
         self._rotary = rotary_constants(self.layers[0].self_attn.rope) if self.layers else None
+        self.compute_dtype: mx.Dtype | None = None  # None: the embedding's dtype
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         h = self.embed_tokens(tokens)
+        if self.compute_dtype is not None:
+            h = cast(h, self.compute_dtype)  # a quantized table dequantizes to its scales' dtype
         caches = cache if cache is not None else [None] * len(self.layers)
         rope = self.rotary_tables(tokens.shape[1], caches[0] if caches else None)
         for layer, layer_cache in zip(self.layers, caches):
@@ -144,6 +160,12 @@ class Llama(nn.Module):
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(hidden)
         return self.lm_head(hidden)
+
+    def set_dtypes(self, compute: mx.Dtype | None, kv: mx.Dtype | None) -> None:
+        """Activations' dtype (the embedding's output is cast to it) and the KV cache's."""
+        self.model.compute_dtype = compute
+        for layer in self.model.layers:
+            layer.self_attn.kv_dtype = kv
 
     def make_cache(self, kind: str = "default", **options) -> list:
         """Fresh per-layer caches: "default" (`KVCache`), "quantized" (bits, group_size,

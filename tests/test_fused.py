@@ -89,3 +89,22 @@ def test_lean_step_has_far_fewer_ops(tiny_checkpoints, monkeypatch):
     monkeypatch.setattr("mlx_llama.model.lean_graph", lambda: False)
     plain = sum(decode_step_ops(model).values())
     assert lean < 0.6 * plain
+
+
+def test_auto_dtypes_on_cpu(tiny_checkpoints, tmp_path):
+    """auto: float32 arithmetic, bfloat16 scales and KV cache kept, dense prefill; an explicit
+    dtype: that dtype throughout and the exact quantized kernel."""
+    from convert.api import convert
+
+    folder = convert(tiny_checkpoints["gqa"], tmp_path / "q4", quantize=True, dtype="bfloat16",
+                     progress=False)
+    auto, _ = load_model(folder)
+    exact, _ = load_model(folder, compute_dtype=mx.float32)
+    q_proj = auto.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, fused.DenseFriendlyQuantizedLinear)
+    assert type(exact.model.layers[0].self_attn.q_proj) is nn.QuantizedLinear
+    assert q_proj.scales.dtype == mx.bfloat16 and auto.model.norm.weight.dtype == mx.float32
+    for model, kv_dtype in ((auto, mx.bfloat16), (exact, mx.float32)):
+        cache = model.make_cache()
+        logits = model(mx.array([list(range(3, 20))]), cache)
+        assert logits.dtype == mx.float32 and cache[0].state[0].dtype == kv_dtype
