@@ -36,6 +36,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PROJECTS = ("mlx-llama", "mlx-lm")
+# Optional third worker: this project's runtime on mlx-lm's folder (the very same bytes), which
+# separates what the runtime does from what the default conversions decide.
+SAME_WEIGHTS = "mlx-llama/mlx-lm-folder"
 MARK = "@@bench "  # worker replies are the lines that start with this
 
 
@@ -46,7 +49,7 @@ def _load(project: str, folder: Path):
     """(model, tokens(prompt, cache) -> iterator of ints, make_cache, step graph outputs)."""
     import mlx.core as mx
 
-    if project == "mlx-llama":
+    if project in ("mlx-llama", SAME_WEIGHTS):
         from mlx_llama.bench import engine_tokens
         from mlx_llama.generate import decode_step
         from mlx_llama.loading import load_model
@@ -203,21 +206,24 @@ def convert_both(src: Path, work: Path, reconvert: bool) -> dict[str, Path]:
 
 
 def compare(folders: dict[str, Path], p: int, g: int, n: int, log=print) -> dict:
-    """Alternate the two projects' trials; return per-project reports, ratios and op counts."""
+    """Alternate the projects' trials; return per-project reports, ratios and op counts.
+
+    `folders` maps each worker name (PROJECTS, and optionally SAME_WEIGHTS) to its folder.
+    """
     from mlx_llama.bench import Trial, summarize
 
-    workers = {name: Worker(name, folders[name], p, g) for name in PROJECTS}
+    workers = {name: Worker(name, folder, p, g) for name, folder in folders.items()}
     try:
         for w in workers.values():
             w.read()  # loaded and warmed up
         info = {name: w.ask("info") for name, w in workers.items()}
-        trials: dict[str, list[Trial]] = {name: [] for name in PROJECTS}
+        trials: dict[str, list[Trial]] = {name: [] for name in workers}
         for i in range(n):
             for name, w in workers.items():
                 r = w.ask("trial")
                 trials[name].append(Trial(p, g, r["ttft_s"], r["decode_s"], r["peak_memory_bytes"]))
                 t = trials[name][-1]
-                log(f"  trial {i + 1}/{n} {name:9s} prompt {t.prompt_tps:8.1f} tok/s  "
+                log(f"  trial {i + 1}/{n} {name:24s} prompt {t.prompt_tps:8.1f} tok/s  "
                     f"decode {t.generation_tps:7.2f} tok/s  peak {t.peak_memory_bytes / 1e6:7.1f} MB")
     finally:
         for w in workers.values():
@@ -225,20 +231,32 @@ def compare(folders: dict[str, Path], p: int, g: int, n: int, log=print) -> dict
     reports = {
         name: summarize(str(folders[name]), trials[name], info[name]["model_bytes"],
                         info[name]["bytes_per_token"]).to_json()
-        for name in PROJECTS
+        for name in workers
     }
-    ours, theirs = (reports[name] for name in PROJECTS)
-    ops = {name: sum(info[name]["ops"].values()) for name in PROJECTS}
-    ratios = {
-        "prompt_tps": ours["prompt_tps"]["median"] / theirs["prompt_tps"]["median"],
-        "generation_tps": ours["generation_tps"]["median"] / theirs["generation_tps"]["median"],
-        "ttft_s": ours["ttft_s"]["median"] / theirs["ttft_s"]["median"],
-        "peak_memory_bytes": ours["peak_memory_bytes"]["median"] / theirs["peak_memory_bytes"]["median"],
+    ops = {name: sum(info[name]["ops"].values()) for name in workers}
+    result = {"reports": reports, "ops": ops,
+              "op_breakdown": {name: info[name]["ops"] for name in workers}}
+    result["ratios"] = ratios(reports["mlx-llama"], reports["mlx-lm"], ops["mlx-llama"],
+                              ops["mlx-lm"])
+    if SAME_WEIGHTS in reports:
+        result["ratios_same_weights"] = ratios(reports[SAME_WEIGHTS], reports["mlx-lm"],
+                                               ops[SAME_WEIGHTS], ops["mlx-lm"])
+    return result
+
+
+def ratios(ours: dict, theirs: dict, our_ops: int, their_ops: int) -> dict[str, float]:
+    """ours / theirs for every figure (medians)."""
+    def median(report, key):
+        return report[key]["median"]
+
+    return {
+        "prompt_tps": median(ours, "prompt_tps") / median(theirs, "prompt_tps"),
+        "generation_tps": median(ours, "generation_tps") / median(theirs, "generation_tps"),
+        "ttft_s": median(ours, "ttft_s") / median(theirs, "ttft_s"),
+        "peak_memory_bytes": median(ours, "peak_memory_bytes") / median(theirs, "peak_memory_bytes"),
         "model_bytes": ours["model_bytes"] / theirs["model_bytes"],
-        "ops_per_decode_step": ops["mlx-llama"] / ops["mlx-lm"],
+        "ops_per_decode_step": our_ops / their_ops,
     }
-    return {"reports": reports, "ratios": ratios, "ops": ops,
-            "op_breakdown": {name: info[name]["ops"] for name in PROJECTS}}
 
 
 def machine() -> str:
@@ -256,28 +274,37 @@ def machine() -> str:
 
 
 def format_result(title: str, result: dict) -> str:
+    """One column per worker, then the ratio columns (mlx-llama / mlx-lm)."""
     rows = [
         ("prompt tokens/s", "prompt_tps", 1, 1),
         ("decode tokens/s", "generation_tps", 1, 2),
-        ("time to first token ms", "ttft_s", 1e3, 1),
+        ("time to first token s", "ttft_s", 1, 2),
         ("peak memory MB", "peak_memory_bytes", 1e-6, 1),
     ]
-    ours, theirs = (result["reports"][n] for n in PROJECTS)
-    lines = [title, f"{'':24s}{'mlx-llama':>28s}{'mlx-lm':>28s}{'ratio':>8s}"]
+    names = list(result["reports"])
+    ratio_sets = [("ratio", result["ratios"])]
+    if "ratios_same_weights" in result:
+        ratio_sets.append(("same-w", result["ratios_same_weights"]))
+    width = 26
 
     def cell(stat, scale, digits):
         return (f"{stat['median'] * scale:.{digits}f} [{stat['min'] * scale:.{digits}f}.."
                 f"{stat['max'] * scale:.{digits}f}]")
 
+    header = f"{'':22s}" + "".join(f"{n:>{width}s}" for n in names)
+    header += "".join(f"{label:>8s}" for label, _ in ratio_sets)
+    lines = [title, header]
     for label, key, scale, digits in rows:
-        lines.append(f"{label:24s}{cell(ours[key], scale, digits):>28s}"
-                     f"{cell(theirs[key], scale, digits):>28s}{result['ratios'][key]:8.2f}")
-    lines.append(f"{'model size MB':24s}{ours['model_bytes'] / 1e6:28.1f}"
-                 f"{theirs['model_bytes'] / 1e6:28.1f}{result['ratios']['model_bytes']:8.2f}")
-    lines.append(f"{'implied GB/s':24s}{ours['bandwidth_gbs']['median']:28.2f}"
-                 f"{theirs['bandwidth_gbs']['median']:28.2f}")
-    lines.append(f"{'ops per decode step':24s}{result['ops']['mlx-llama']:28d}"
-                 f"{result['ops']['mlx-lm']:28d}{result['ratios']['ops_per_decode_step']:8.2f}")
+        line = f"{label:22s}" + "".join(
+            f"{cell(result['reports'][n][key], scale, digits):>{width}s}" for n in names)
+        lines.append(line + "".join(f"{r[key]:8.2f}" for _, r in ratio_sets))
+    line = f"{'model size MB':22s}" + "".join(
+        f"{result['reports'][n]['model_bytes'] / 1e6:{width}.1f}" for n in names)
+    lines.append(line + "".join(f"{r['model_bytes']:8.2f}" for _, r in ratio_sets))
+    lines.append(f"{'implied GB/s':22s}" + "".join(
+        f"{result['reports'][n]['bandwidth_gbs']['median']:{width}.2f}" for n in names))
+    line = f"{'ops per decode step':22s}" + "".join(f"{result['ops'][n]:{width}d}" for n in names)
+    lines.append(line + "".join(f"{r['ops_per_decode_step']:8.2f}" for _, r in ratio_sets))
     return "\n".join(lines)
 
 
@@ -294,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path,
                         default=Path.home() / ".cache" / "mlx-llama-bench" / "converted")
     parser.add_argument("--reconvert", action="store_true", help="convert again even if present")
+    parser.add_argument("--same-weights", action="store_true",
+                        help="also run mlx-llama on mlx-lm's folder (runtime-only comparison)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--worker", nargs=2, metavar=("PROJECT", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -303,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     src = source_folder(args.model, args.dtype, args.layers)
     folders = convert_both(src, args.work, args.reconvert)
+    if args.same_weights:
+        folders[SAME_WEIGHTS] = folders["mlx-lm"]
     title = (f"{src.name}, 4-bit default conversions, prompt {args.prompt_tokens}, "
              f"generate {args.generation_tokens}, {args.trials} alternating trials\n{machine()}")
     print(title, flush=True)
@@ -312,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     result.update(source=str(src), machine=machine(), prompt_tokens=args.prompt_tokens,
                   generation_tokens=args.generation_tokens, trials=args.trials,
                   seconds=time.perf_counter() - start)
-    print(format_result("median [min..max]; ratio = mlx-llama / mlx-lm", result))
+    print(format_result("median [min..max]; ratio = mlx-llama / mlx-lm; same-w = mlx-llama on "
+                        "mlx-lm's folder / mlx-lm", result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
