@@ -2,13 +2,14 @@
 
 Two concerns live here so the model's Attention stays a few lines:
 
-1. Quantized caches. Keys and values may arrive as `mx.quantize` triples (packed uint32,
-   scales, biases) at the key/value head count. Grouped-query attention is done by viewing
-   the queries as (batch, kv_heads, n_rep, length, head_dim): each group of `n_rep` query
-   heads shares one key/value head by broadcasting, so K/V are never repeated (which would
-   undo the memory quantization saved). Both products are `mx.quantized_matmul`: scores =
-   q K^T with the keys' triples, output = softmax(scores) V with the values'; the cache is
-   never dequantized.
+1. Quantized caches. Keys and values may arrive quantized (see `QuantizedKVCache`): values
+   as `mx.quantize` triples per token, keys as triples per channel (transposed, grouped
+   along tokens) plus a full-precision tail of recent keys. Grouped-query attention is done
+   by viewing the queries as (batch, kv_heads, n_rep, length, head_dim): each group of
+   `n_rep` query heads shares one key/value head by broadcasting, so K/V are never repeated
+   (which would undo the memory quantization saved). Both products are
+   `mx.quantized_matmul`: scores = q K^T on the keys' triples (and a plain matmul on the
+   tail), output = softmax(scores) V on the values'; the cache is never dequantized.
 
 2. Peak memory of long prefills. Where attention is not a fused kernel (MLX's CPU backend,
    and the quantized path everywhere), the (heads, queries, keys) score matrix is
@@ -17,15 +18,13 @@ Two concerns live here so the model's Attention stays a few lines:
    max(64, L*L // T), each evaluated before the next is built (lazily, MLX would hold all
    blocks' scores at once), so one block's scores never exceed those of a chunk attending
    to itself (L*L) and a prefill's peak follows its chunk. Each block sees only the keys up
-   to its last query (the rest are masked anyway). Decoding (L = 1) and a first chunk
-   (T = L) are never split.
+   to its last query (the rest are masked anyway; quantized keys, grouped along tokens, are
+   masked rather than cut). Decoding (L = 1) and a first chunk (T = L) are never split.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
-
-Keys = "mx.array | tuple[mx.array, mx.array, mx.array]"
 
 MIN_QUERY_BLOCK = 64
 
@@ -47,33 +46,38 @@ def expand_mask(mask: str | mx.array | None, queries: int, keys: int) -> mx.arra
 
 def quantized_attention(
     queries: mx.array,
-    keys: tuple[mx.array, mx.array, mx.array],
+    keys: tuple[mx.array, mx.array, mx.array, mx.array],
     values: tuple[mx.array, mx.array, mx.array],
     scale: float,
     mask: str | mx.array | None,
     group_size: int,
     bits: int,
-    rotated_keys: bool = False,
 ) -> mx.array:
     """softmax(scale * q K^T + mask) V for (B, heads, L, D) queries; returns (B, heads, L, D).
 
-    `rotated_keys`: the keys were stored as K H (Hadamard, see cache.py), so the queries are
-    rotated too: (q H)(K H)^T = q K^T.
+    `keys` is (packed, scales, biases, tail): the first three hold the quantized keys
+    transposed, (B, kv, D, grouped tokens) in groups along the tokens, so q @ K^T is a
+    quantized matmul without transposition; `tail` holds the most recent keys, (B, kv, r, D),
+    in full precision (fewer than a group). `values` are (B, kv, T, D) quantized per token.
     """
     batch, heads, length, dim = queries.shape
-    kv_heads = keys[0].shape[1]
-    n_rep = heads // kv_heads
-    if rotated_keys:
-        queries = mx.hadamard_transform(queries, scale=dim**-0.5)
-    q = (queries * scale).reshape(batch, kv_heads, n_rep, length, dim)
-    # (B, kv, T, ...) -> (B, kv, 1, T, ...): broadcast over the n_rep query heads of a group.
-    k = tuple(mx.expand_dims(a, 2) for a in keys)
-    v = tuple(mx.expand_dims(a, 2) for a in values)
-    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
+    packed, scales, biases, tail = keys
+    kv_heads = tail.shape[1]
+    q = (queries * scale).reshape(batch, kv_heads, heads // kv_heads, length, dim)
+    # (B, kv, ...) -> (B, kv, 1, ...): broadcast over the query heads of a group.
+    parts = []
+    if packed.shape[-1]:
+        grouped = tuple(mx.expand_dims(a, 2) for a in (packed, scales, biases))
+        parts.append(mx.quantized_matmul(q, *grouped, transpose=False, group_size=group_size,
+                                         bits=bits))
+    if tail.shape[2]:
+        parts.append(q @ mx.expand_dims(tail, 2).swapaxes(-1, -2))
+    scores = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
     allowed = expand_mask(mask, length, scores.shape[-1])
     if allowed is not None:
         scores = mx.where(allowed, scores, mx.finfo(scores.dtype).min)
     weights = mx.softmax(scores, axis=-1, precise=True)
+    v = tuple(mx.expand_dims(a, 2) for a in values)
     out = mx.quantized_matmul(weights, *v, transpose=False, group_size=group_size, bits=bits)
     return out.reshape(batch, heads, length, dim)
 
@@ -83,25 +87,14 @@ def query_block(queries: int, keys: int) -> int:
     return max(MIN_QUERY_BLOCK, queries * queries // max(keys, 1))
 
 
-def _key_count(keys) -> int:
-    return (keys[0] if isinstance(keys, tuple) else keys).shape[2]
-
-
-def _first_keys(keys, n: int):
-    if isinstance(keys, tuple):
-        return tuple(a[..., :n, :] for a in keys)
-    return keys[..., :n, :]
-
-
 def fused_kernel() -> bool:
     """Whether `mx.fast.scaled_dot_product_attention` runs fused (on a GPU): no score matrix."""
     return mx.default_device().type == mx.DeviceType.gpu
 
 
 def _attend(q, k, v, scale: float, mask, cache) -> mx.array:
-    if isinstance(k, tuple):  # a quantized cache hands back (packed, scales, biases)
-        return quantized_attention(q, k, v, scale, mask, cache.group_size, cache.bits,
-                                   cache.rotated_keys(q.shape[-1]))
+    if isinstance(k, tuple):  # a quantized cache hands back packed triples (see above)
+        return quantized_attention(q, k, v, scale, mask, cache.group_size, cache.bits)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
@@ -114,17 +107,22 @@ def attention(q: mx.array, k, v, scale: float, mask: str | mx.array | None,
     does); `cache` supplies `group_size`/`bits` when K/V are quantized.
     """
     length = q.shape[2]
-    total = _key_count(k)
+    quantized = isinstance(k, tuple)
+    total = (v[0] if quantized else v).shape[2]
     block = query_block(length, total)
-    if block >= length or (fused_kernel() and not isinstance(k, tuple)):
+    if block >= length or (fused_kernel() and not quantized):
         return _attend(q, k, v, scale, mask, cache)
+    rows = expand_mask(mask, length, total) if quantized else None
     outs = []
     for start in range(0, length, block):
         end = min(start + block, length)
-        visible = total if mask is None else total - length + end
-        part = mask if mask is None or isinstance(mask, str) else mask[start:end, :visible]
-        out = _attend(q[:, :, start:end], _first_keys(k, visible), _first_keys(v, visible),
-                      scale, part, cache)
+        if quantized:  # keys grouped along tokens cannot be cut anywhere: mask rows instead
+            kb, vb, part = k, v, None if rows is None else rows[start:end]
+        else:
+            visible = total if mask is None else total - length + end
+            kb, vb = k[..., :visible, :], v[..., :visible, :]
+            part = mask if mask is None or isinstance(mask, str) else mask[start:end, :visible]
+        out = _attend(q[:, :, start:end], kb, vb, scale, part, cache)
         mx.eval(out)  # one block's scores at a time: lazily, MLX would hold them all at once
         outs.append(out)
     return mx.concatenate(outs, axis=2)

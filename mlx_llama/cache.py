@@ -109,19 +109,22 @@ def _check_restored(keys: mx.array, offset: int) -> None:
 
 
 class QuantizedKVCache:
-    """Keys and values stored as `mx.quantize` triples (packed uint32, scales, biases).
+    """Keys and values stored with `mx.quantize` (8 or 4 bits) and never dequantized.
 
-    At 8 bits and group size 64 a float16 value takes 8 + 2*16/64 = 8.5 bits instead of 16,
-    at 4 bits 4.5: memory per token is about 53% and 28% of the default cache's (27% and
-    14% of a float32 one). `update_and_fetch` returns the triples; attention multiplies them
-    with `mx.quantized_matmul` (see attention.py) and never dequantizes the cache.
+    Values are quantized per token (groups of `group_size` along the head dimension), the
+    layout `softmax(scores) @ V` multiplies directly. Keys are quantized per *channel*:
+    stored transposed, (head_dim, tokens), in groups of `group_size` consecutive tokens, so
+    `q @ K^T` is again a plain quantized matmul. Rotary keys have a few channels far larger
+    than the rest; grouped per token they would share one scale with the small channels and
+    crush them to a handful of levels (at 4 bits on SmolLM2 that costs ~20% perplexity and
+    the attention output errs by 22%), while each channel's values over a run of tokens
+    are alike (9%; the KIVI observation). The tokens of an incomplete key group (fewer than
+    `group_size`) wait in full precision in `key_tail` and are quantized once the group
+    fills, so memory stays ~`bits` + 32/`group_size` bits per value (fp16 scales): 53% of a
+    float16 default cache at 8 bits, 28% at 4 bits (group 64).
 
-    Keys are rotated by an orthonormal Hadamard transform H before quantizing (and attention
-    rotates the queries by the same H, so q.k = qH.kH). A few channels of rotary keys carry
-    much larger values than the rest; in a group sharing one scale they crush the others
-    to a handful of levels. H spreads every channel over all of them, which at 4 bits turns
-    a ~10% perplexity loss on SmolLM2 into ~1-3%. Values have no such outliers and are
-    stored as they are. Head sizes the transform does not support are stored unrotated.
+    `update_and_fetch` returns keys as (packed, scales, biases, tail) and values as
+    (packed, scales, biases); attention.py multiplies them with `mx.quantized_matmul`.
 
     With `start > 0` the first updates are held in a plain `KVCache`; the update that finds
     `start` or more tokens held quantizes them all and continues quantized, so a prompt can
@@ -132,16 +135,16 @@ class QuantizedKVCache:
     step = 256
     is_trimmable = True
 
-    def __init__(self, bits: int = 8, group_size: int = 64, start: int = 0,
-                 rotate_keys: bool = True) -> None:
+    def __init__(self, bits: int = 8, group_size: int = 64, start: int = 0) -> None:
         check_quantized_options(bits, group_size, start)
         self.bits = bits
         self.group_size = group_size
         self.start = start
-        self.rotate_keys = rotate_keys
         self.offset = 0
-        self.keys: tuple[mx.array, ...] | None = None
-        self.values: tuple[mx.array, ...] | None = None
+        self.grouped = 0  # tokens whose keys are quantized (a multiple of group_size)
+        self.keys: tuple[mx.array, ...] | None = None  # (B, kv, D, capacity) along tokens
+        self.key_tail: mx.array | None = None  # (B, kv, < group_size, D) full precision
+        self.values: tuple[mx.array, ...] | None = None  # (B, kv, capacity, D) per token
         self._plain: KVCache | None = KVCache() if start > 0 else None
 
     @property
@@ -156,62 +159,71 @@ class QuantizedKVCache:
                 self.offset = self._plain.offset
                 return out
             self._quantize_plain()
-        new = keys.shape[2]
-        end = self.offset + new
-        if self.keys is None or end > self.keys[0].shape[2]:
-            self._grow(keys, values, end)
-        stored = ((self.keys, self._quantize(self._rotate(keys))), (self.values, self._quantize(values)))
-        for buffers, parts in stored:
-            for buffer, part in zip(buffers, parts):
-                buffer[..., self.offset : end, :] = part
+        self._append(keys, values)
+        return self._fetch()
+
+    def _append(self, keys: mx.array, values: mx.array) -> None:
+        end = self.offset + keys.shape[2]
+        if self.values is None or end > self.values[0].shape[2]:
+            self._grow(keys, end)
+        for buffer, part in zip(self.values, self._quantize(values)):
+            buffer[..., self.offset : end, :] = part
+        tail = keys if self.key_tail is None else mx.concatenate([self.key_tail, keys], axis=2)
+        full = tail.shape[2] // self.group_size * self.group_size
+        if full:
+            packed = self._quantize(tail[..., :full, :].swapaxes(2, 3))
+            for buffer, part, per in zip(self.keys, packed, self._key_columns()):
+                buffer[..., self.grouped // per : (self.grouped + full) // per] = part
+            self.grouped += full
+        self.key_tail = tail[..., full:, :]
         self.offset = end
-        return self._held(self.keys), self._held(self.values)
+
+    def _key_columns(self) -> tuple[int, int, int]:
+        """Tokens per column of the packed keys, of their scales and of their biases."""
+        return 32 // self.bits, self.group_size, self.group_size
+
+    def _fetch(self):
+        keys = tuple(a[..., : self.grouped // per] for a, per in zip(self.keys, self._key_columns()))
+        values = tuple(a[..., : self.offset, :] for a in self.values)
+        return keys + (self.key_tail,), values
 
     def _quantize(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
 
-    def _rotate(self, keys: mx.array) -> mx.array:
-        return hadamard(keys) if self.rotated_keys(keys.shape[-1]) else keys
-
-    def rotated_keys(self, head_dim: int) -> bool:
-        """Whether stored keys are Hadamard-rotated (attention must rotate queries to match)."""
-        return self.rotate_keys and hadamard_supported(head_dim)
-
-    def _held(self, triple: tuple[mx.array, ...]) -> tuple[mx.array, ...]:
-        return tuple(a[..., : self.offset, :] for a in triple)
-
-    def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
+    def _grow(self, like: mx.array, needed: int) -> None:
+        """Room for `needed` tokens (rounded up to `step`), keeping what is held."""
         capacity = ((needed + self.step - 1) // self.step) * self.step
-
-        def grown(old: tuple[mx.array, ...] | None, like: mx.array) -> tuple[mx.array, ...]:
-            batch, heads, _, dim = like.shape
-            per_word = 32 // self.bits
-            shapes = [(dim // per_word, mx.uint32), (dim // self.group_size, like.dtype),
-                      (dim // self.group_size, like.dtype)]
-            fresh = tuple(mx.zeros((batch, heads, capacity, width), dtype) for width, dtype in shapes)
-            if old is not None and self.offset:
-                for f, o in zip(fresh, old):
-                    f[..., : self.offset, :] = o[..., : self.offset, :]
-            return fresh
-
-        self.keys = grown(self.keys, keys)
-        self.values = grown(self.values, values)
+        batch, heads, _, dim = like.shape
+        dtype, per_word, g = like.dtype, 32 // self.bits, self.group_size
+        values = ((capacity, dim // per_word, mx.uint32), (capacity, dim // g, dtype),
+                  (capacity, dim // g, dtype))
+        keys = ((dim, capacity // per_word, mx.uint32), (dim, capacity // g, dtype),
+                (dim, capacity // g, dtype))
+        fresh_v = tuple(mx.zeros((batch, heads, *s[:2]), s[2]) for s in values)
+        fresh_k = tuple(mx.zeros((batch, heads, *s[:2]), s[2]) for s in keys)
+        if self.values is not None:
+            for f, o in zip(fresh_v, self.values):
+                f[..., : self.offset, :] = o[..., : self.offset, :]
+            for f, o, per in zip(fresh_k, self.keys, self._key_columns()):
+                f[..., : self.grouped // per] = o[..., : self.grouped // per]
+        self.values, self.keys = fresh_v, fresh_k
 
     def _quantize_plain(self) -> None:
         plain, self._plain = self._plain, None
-        if plain.offset == 0:
-            return
-        keys, values = plain.state
-        self.keys, self.values = self._quantize(self._rotate(keys)), self._quantize(values)
-        self.offset = plain.offset
+        self.offset = 0
+        if plain.offset:
+            self._append(*plain.state)
 
     @property
     def state(self) -> tuple[mx.array, ...]:
+        """Plain (keys, values) before `start`; then the 3 key arrays, the key tail and the
+        3 value arrays, trimmed to what is held."""
         if self._plain is not None:
             return self._plain.state
-        if self.keys is None:
+        if self.values is None:
             return ()
-        return self._held(self.keys) + self._held(self.values)
+        keys, values = self._fetch()
+        return keys + values
 
     def trim(self, n: int) -> int:
         if self._plain is not None:
@@ -219,7 +231,19 @@ class QuantizedKVCache:
             self.offset = self._plain.offset
             return n
         n = min(self.offset, n)
-        self.offset -= n
+        if n == 0:
+            return 0
+        keep = self.offset - n
+        whole = keep // self.group_size * self.group_size
+        if whole < self.grouped:  # the cut falls in quantized groups: back to the tail
+            cols = tuple(a[..., whole // per : self.grouped // per]
+                         for a, per in zip(self.keys, self._key_columns()))
+            back = mx.dequantize(*cols, group_size=self.group_size, bits=self.bits)
+            self.key_tail = mx.concatenate([back.swapaxes(2, 3).astype(self.key_tail.dtype),
+                                            self.key_tail], axis=2)
+            self.grouped = whole
+        self.key_tail = self.key_tail[..., : keep - self.grouped, :]
+        self.offset = keep
         return n
 
     @property
@@ -230,39 +254,29 @@ class QuantizedKVCache:
         return causal_mask(length)
 
     def options(self) -> dict[str, Any]:
-        return {"bits": self.bits, "group_size": self.group_size, "start": self.start,
-                "rotate_keys": self.rotate_keys}
+        return {"bits": self.bits, "group_size": self.group_size, "start": self.start}
 
     @property
     def meta_state(self) -> dict[str, int]:
-        return {"offset": self.offset, "quantized": int(self.quantized)}
+        return {"offset": self.offset, "quantized": int(self.quantized), "grouped": self.grouped}
 
     def restore(self, arrays: list[mx.array], meta: dict[str, int]) -> None:
         offset = int(meta["offset"])
-        if int(meta["quantized"]):
-            if len(arrays) != 6:
-                raise ValueError(f"a quantized layer needs 6 arrays, got {len(arrays)}")
-            self._plain = None
-            self.keys, self.values = tuple(arrays[:3]), tuple(arrays[3:])
-            self.offset = offset
-            _check_restored(self.keys[0], offset)
-        else:
+        if not int(meta["quantized"]):
             self._plain = KVCache()
             self._plain.restore(arrays, meta)
             self.offset = offset
-
-
-def hadamard_supported(dim: int) -> bool:
-    """`mx.hadamard_transform` sizes: m * 2**k with m in (1, 12, 20, 28)."""
-    for m in (1, 12, 20, 28):
-        if dim % m == 0 and (dim // m) & (dim // m - 1) == 0:
-            return True
-    return False
-
-
-def hadamard(x: mx.array) -> mx.array:
-    """x @ H over the last axis, H the orthonormal (and symmetric) Hadamard matrix."""
-    return mx.hadamard_transform(x, scale=x.shape[-1] ** -0.5)
+            return
+        if len(arrays) != 7:
+            raise ValueError(f"a quantized layer needs 7 arrays, got {len(arrays)}")
+        self._plain = None
+        self.keys, self.key_tail, self.values = tuple(arrays[:3]), arrays[3], tuple(arrays[4:])
+        self.offset, self.grouped = offset, int(meta["grouped"])
+        per_word = 32 // self.bits
+        if (self.values[0].shape[2] != offset or self.keys[0].shape[3] * per_word != self.grouped
+                or self.grouped + self.key_tail.shape[2] != offset
+                or self.grouped % self.group_size):
+            raise ValueError(f"quantized keys/values do not add up to offset {offset}")
 
 
 def check_quantized_options(bits: int, group_size: int, start: int = 0,
