@@ -25,7 +25,7 @@ from mlx_llama.config import ModelConfig
 from mlx_llama.errors import MlxLlamaError
 
 from .mapping import QUANT_PARTS, map_weights
-from .quantize import QuantRecipe, QuantSpec, plan_tensor, quantization_block, quantize_weight, spec_from_block
+from .quantize import QuantRecipe, QuantSpec, plan_tensor, quantization_block, spec_from_block
 from .safetensors_source import COPIED_FILES, COPIED_PATTERNS, INDEX_FILE, read_folder
 from .source import SourceModel
 from .writer import check_destination, staged_folder, write_json, write_weights
@@ -63,6 +63,10 @@ def convert(
     force: bool = False,
     progress: bool = True,
     verify: bool = True,
+    method: str = "search",
+    bpw: float | None = None,
+    calibrate: str | None = None,
+    eval_text: str | None = None,
 ) -> Path:
     """Convert `src` (HF folder, hub repo id, or .gguf file) into the MLX folder `out`.
 
@@ -74,21 +78,37 @@ def convert(
     force: replace an existing `out` (atomically).
     progress: progress bars on a terminal, and a summary line on stdout.
     verify: load the result with the runtime and run one token before moving it into place.
+    method: "search" (error-minimizing scales) or "minmax" (mx.quantize, as mlx-lm does).
+    bpw: a bits-per-weight budget; formats are chosen per tensor by measured sensitivity
+      (implies quantize). calibrate: "builtin" or a text file whose activation statistics
+      weight the scale search. eval_text: print the perplexity of source and result on it.
+    See convert/quantize.py and docs/quantization.md.
     Returns the output folder. User errors raise MlxLlamaError with one line.
     """
     out = Path(out).expanduser()
-    recipe = QuantRecipe(bits, group_size, embedding_bits) if quantize else None
+    quantize = quantize or bpw is not None
+    recipe = (QuantRecipe(bits, group_size, embedding_bits, method, bpw, calibrate)
+              if quantize else None)
     if dtype is not None and dtype not in DTYPES:
         raise MlxLlamaError(f"--dtype {dtype} is not supported: choose float16, bfloat16 or float32")
     if shard_size <= 0:
         raise MlxLlamaError("--shard-size must be positive")
     check_destination(out, force)  # fail before a long download, not after
+    if eval_text is not None or calibrate is not None:
+        from .measure import check_texts
+
+        check_texts(eval_text, calibrate)
     _refuse_overwriting_source(src, out)
 
     source = open_source(src, revision, progress)
     cfg = ModelConfig.from_dict(source.config)
     target = dtype or declared_dtype(source.config)
     weights = map_weights(source.weights, cfg)
+    reopen = lambda: map_weights(open_source(src, revision, False).weights, cfg)  # noqa: E731
+    if recipe is not None and source.quantization is None:
+        from .measure import prepare_recipe
+
+        prepare_recipe(recipe, reopen, cfg, source.files, DTYPES.get(target), progress)
     plan = plan_tensors(weights, DTYPES.get(target), recipe, source.quantization)
     config = output_config(source.config, target, plan, recipe, source.quantization)
     total_bytes = plan.nbytes
@@ -106,6 +126,10 @@ def convert(
         raise MlxLlamaError(_write_error(e, out, total_bytes)) from None
     if progress:
         print(f"Converted {source.source} -> {out}: {summary}")
+    if eval_text is not None:
+        from .measure import evaluate, format_evaluation
+
+        print(format_evaluation(evaluate(out, reopen, cfg, eval_text), eval_text), flush=True)
     return out
 
 
@@ -208,7 +232,7 @@ def plan_tensors(
         if spec is None:
             plan.tensors.append((name, array))
             continue
-        wq, scales, biases = quantize_weight(array, spec.bits, spec.group_size)
+        wq, scales, biases = recipe.quantize(module, array, spec)
         plan.specs[module] = spec
         plan.tensors += [(f"{module}.weight", wq), (f"{module}.scales", scales),
                          (f"{module}.biases", biases)]

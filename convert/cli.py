@@ -53,6 +53,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help="bits for the embedding and output head when quantizing (default 8)")
     parser.add_argument("--no-quantize-embeddings", action="store_true",
                         help="keep the embedding and output head unquantized")
+    parser.add_argument("--method", choices=("search", "minmax"), default="search",
+                        help="how each group's scale and bias are chosen: 'search' minimizes the "
+                        "error (default), 'minmax' is plain min/max as mlx-lm does")
+    parser.add_argument("--bpw", type=float, default=None,
+                        help="bits-per-weight budget for the whole model (e.g. 4.5): each tensor "
+                        "gets the format its measured sensitivity earns (implies -q)")
+    parser.add_argument("--calibrate", metavar="FILE|builtin", default=None,
+                        help="weight the quantization error by activation statistics measured "
+                        "on this text ('builtin': text shipped with mlx-llama)")
+    parser.add_argument("--eval", dest="eval_text", metavar="FILE", default=None,
+                        help="after converting, print the perplexity of the source and of the "
+                        "result on this text")
     parser.add_argument("--shard-size", type=parse_size, default="5GB",
                         help="maximum size of one output weight file (default 5GB)")
     parser.add_argument("--revision", help="hub branch, tag or commit (hub repo ids only)")
@@ -98,6 +110,10 @@ def run_convert(args: argparse.Namespace) -> int:
             revision=args.revision,
             force=args.force,
             progress=not args.no_progress,
+            method=args.method,
+            bpw=args.bpw,
+            calibrate=args.calibrate,
+            eval_text=args.eval_text,
         )
         return 0
     except MlxLlamaError:

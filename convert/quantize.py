@@ -2,29 +2,37 @@
 
 `quantize_weight` is the one place numbers are turned into codes: MLX's affine scheme, where
 each group of `group_size` consecutive input weights gets a scale and a bias and every weight
-becomes a `bits`-bit code, packed into uint32 words. It is kept a small pure function so that
-a better scale search (error-minimizing instead of min/max) can replace its body without
-touching the rest of the converter.
+becomes a `bits`-bit code, packed into uint32 words. By default the scale and bias of each
+group are *searched* to minimize the reconstruction error (affine.py) instead of being read off
+the group's minimum and maximum; the stored format is the same, so mlx-lm reads it unchanged.
 
-The recipe follows what works in practice (and what mlx-lm does):
+The recipe follows what works in practice:
 - only Linear and Embedding weights are quantized (norms and biases are tiny and sensitive);
 - a matrix whose input dimension is not a multiple of the group size stays in float;
 - the embedding and the output head keep more bits (8 by default): they are a small share of
-  a large model's weights but each of their errors lands directly on a token's logit.
+  a large model's weights but each of their errors lands directly on a token's logit;
+- with a bits-per-weight budget (`bpw`), the format of every tensor is instead chosen by
+  measured sensitivity (sensitivity.py), and with calibration (`calibration`) the search
+  weights each input channel's error by how large its activations are (calibrate.py);
+  `prepare_recipe` runs both before any tensor is written.
 Every choice that differs from the default is recorded per layer in the config's
 `quantization` block, the format mlx-lm and mlx-llama both read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
 from mlx_llama.errors import MlxLlamaError
 
+from .affine import quantize_search
+
 VALID_BITS = (2, 3, 4, 5, 6, 8)
 VALID_GROUP_SIZES = (32, 64, 128)
+METHODS = ("search", "minmax")
 # Modules whose weights may be quantized: the Linear projections, the embedding, the head.
 QUANTIZABLE_LEAVES = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -42,13 +50,25 @@ class QuantSpec:
         return {"group_size": self.group_size, "bits": self.bits}
 
 
-@dataclass(frozen=True)
+@dataclass
 class QuantRecipe:
-    """What the user asked for. `embedding_bits=None` keeps embedding and head unquantized."""
+    """What the user asked for, and what `prepare_recipe` measured for it.
+
+    embedding_bits=None keeps embedding and head unquantized. method: "search"
+    (error-minimizing scales, the default) or "minmax" (mx.quantize, as mlx-lm does).
+    bpw: a bits-per-weight budget for the whole model; formats are then chosen per tensor.
+    calibration: "builtin" or a text file: activation statistics weight the scale search.
+    """
 
     bits: int = 4
     group_size: int = 64
     embedding_bits: int | None = 8
+    method: str = "search"
+    bpw: float | None = None
+    calibration: str | None = None
+    # Filled in by prepare_recipe: per-module formats and error weights.
+    overrides: dict[str, QuantSpec] = field(default_factory=dict)
+    importance: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for label, value in (("--bits", self.bits), ("--embeddings-bits", self.embedding_bits)):
@@ -62,19 +82,31 @@ class QuantRecipe:
                 f"--group-size {self.group_size} is not supported: choose one of "
                 f"{', '.join(map(str, VALID_GROUP_SIZES))}"
             )
+        if self.method not in METHODS:
+            raise MlxLlamaError(f"--method {self.method} is not supported: choose search or minmax")
+        if self.bpw is not None and not 3.0 <= self.bpw <= 16.0:
+            raise MlxLlamaError(f"--bpw {self.bpw} is out of range: choose between 3 and 16")
 
     @property
     def default(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size)
 
+    def quantize(self, module: str, w: mx.array, spec: QuantSpec):
+        """Quantize `module`'s weight `w` as `spec` says, with the recipe's method and weights."""
+        if self.method == "minmax":
+            return mx.quantize(w, group_size=spec.group_size, bits=spec.bits)
+        return quantize_search(w, spec.bits, spec.group_size, self.importance.get(module))
 
-def quantize_weight(w: mx.array, bits: int, group_size: int) -> tuple[mx.array, mx.array, mx.array]:
+
+def quantize_weight(w: mx.array, bits: int, group_size: int,
+                    importance=None) -> tuple[mx.array, mx.array, mx.array]:
     """(out, in) float matrix -> (packed uint32 codes, scales, biases), MLX affine layout.
 
-    Scales and biases come out in `w`'s dtype, so cast `w` first to choose theirs.
+    Scales and biases come out in `w`'s dtype, so cast `w` first to choose theirs. Each
+    group's scale and bias minimize the reconstruction error, weighted by `importance`
+    (see affine.quantize_search) when given.
     """
-    wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
-    return wq, scales, biases
+    return quantize_search(w, bits, group_size, importance)
 
 
 def plan_tensor(name: str, shape: tuple[int, ...], recipe: QuantRecipe) -> QuantSpec | None:
@@ -84,6 +116,8 @@ def plan_tensor(name: str, shape: tuple[int, ...], recipe: QuantRecipe) -> Quant
     module = name[: -len(".weight")]
     if module.rsplit(".", 1)[-1] not in QUANTIZABLE_LEAVES:
         return None
+    if module in recipe.overrides:
+        return recipe.overrides[module]
     if shape[-1] % recipe.group_size:
         return None
     if module in HIGH_PRECISION_MODULES:
@@ -91,6 +125,12 @@ def plan_tensor(name: str, shape: tuple[int, ...], recipe: QuantRecipe) -> Quant
             return None
         return QuantSpec(recipe.embedding_bits, recipe.group_size)
     return recipe.default
+
+
+def most_common(specs: dict[str, QuantSpec], fallback: QuantSpec) -> QuantSpec:
+    """The format most weights... most modules use: the natural default of the block."""
+    counts = Counter(specs.values())
+    return counts.most_common(1)[0][0] if counts else fallback
 
 
 def spec_from_block(module: str, block: dict) -> QuantSpec:
@@ -109,3 +149,7 @@ def quantization_block(specs: dict[str, QuantSpec], default: QuantSpec) -> dict:
             block[module] = specs[module].as_dict()
     return block
 
+
+def packed_columns(in_dim: int, bits: int) -> int:
+    """Width of the uint32 code matrix for `in_dim` inputs (what mx.quantize produces)."""
+    return in_dim * bits // 32
