@@ -47,6 +47,25 @@ def cast(x: mx.array, dtype: mx.Dtype) -> mx.array:
     return x if x.dtype == dtype else x.astype(dtype)
 
 
+def embed(table: nn.Module, tokens: mx.array, dtype: mx.Dtype | None) -> mx.array:
+    """Rows of the embedding table in `dtype` (None: the table's own).
+
+    A quantized table's rows are dequantized with their scales and biases cast to `dtype`
+    first: dequantizing at the scales' stored float16/bfloat16 would round every value.
+    """
+    if dtype is None:
+        return table(tokens)
+    if not isinstance(table, nn.QuantizedEmbedding):
+        return cast(table(tokens), dtype)
+    biases = table.get("biases")
+    return mx.dequantize(
+        table["weight"][tokens],
+        scales=cast(table["scales"][tokens], dtype),
+        biases=None if biases is None else cast(biases[tokens], dtype),
+        group_size=table.group_size, bits=table.bits, mode=table.mode,
+    )
+
+
 @mx.compile
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, weight, eps)

@@ -100,7 +100,8 @@ def quantize_layers(model: nn.Module, quantization: dict[str, Any], weights: dic
 
 
 def cast_floating(model: nn.Module, dtype: mx.Dtype) -> None:
-    """Cast the floating parameters the arithmetic uses directly to `dtype`.
+    """Make the model compute in `dtype`: the parameters the arithmetic uses directly are cast,
+    and activations (from the embedding on) and the KV cache are held in `dtype`.
 
     Quantization scales and biases keep their stored dtype: the quantized kernel reads them as
     they are (float32 activations with bfloat16 scales give float32 results, bit for bit the
@@ -110,6 +111,8 @@ def cast_floating(model: nn.Module, dtype: mx.Dtype) -> None:
     model.load_weights(
         [(k, v.astype(dtype) if _compute_param(k, v) else v) for k, v in params], strict=False
     )
+    if hasattr(model, "set_dtypes"):
+        model.set_dtypes(dtype, dtype)
 
 
 def _compute_param(name: str, value: mx.array) -> bool:
@@ -117,11 +120,20 @@ def _compute_param(name: str, value: mx.array) -> bool:
 
 
 def storage_dtype(model: nn.Module) -> mx.Dtype:
-    """The dtype the checkpoint holds its floating numbers in (before any cast)."""
-    for name, value in nn.utils.tree_flatten(model.parameters()):
+    """The floating dtype that holds most of the checkpoint's bytes (before any cast)."""
+    sizes: dict[mx.Dtype, int] = {}
+    for _, value in nn.utils.tree_flatten(model.parameters()):
         if mx.issubdtype(value.dtype, mx.floating):
-            return value.dtype
-    return mx.float32
+            sizes[value.dtype] = sizes.get(value.dtype, 0) + value.nbytes
+    return max(sizes, key=sizes.get) if sizes else mx.float32
+
+
+def auto_kv_dtype(model: nn.Module, compute: mx.Dtype) -> mx.Dtype:
+    """bfloat16 for a bfloat16 checkpoint (it was made to run at that precision, and mlx-lm
+    holds its cache so); otherwise the compute dtype. float16 storage (GGUF block scales, say)
+    says little about activations, and float16 attention on the CPU is slow and can overflow.
+    """
+    return mx.bfloat16 if storage_dtype(model) == mx.bfloat16 else compute
 
 
 def load_model(
@@ -154,8 +166,9 @@ def load_model(
         # "auto" picks float32 on the CPU for its kernels' speed, not for more precision: the
         # KV cache then stays at the checkpoint's precision, as the scales do. An explicit
         # dtype is used throughout.
-        model.set_dtypes(compute_dtype, storage_dtype(model) if auto else compute_dtype)
+        kv_dtype = auto_kv_dtype(model, compute_dtype) if auto else compute_dtype
         cast_floating(model, compute_dtype)
+        model.set_dtypes(compute_dtype, kv_dtype)
     if auto and lean_graph():
         use_dense_prefill(model)  # same layers and parameters; see fused.py
     model.eval()

@@ -14,7 +14,7 @@ import mlx.nn as nn
 from .attention import attention
 from .cache import KVCache, causal_mask, make_caches
 from .config import ModelConfig
-from .fused import (RMSNorm, RotaryTables, cast, decode_attention, lean_graph,
+from .fused import (RMSNorm, RotaryTables, cast, decode_attention, embed, lean_graph,
                     rotary_constants, swiglu)
 from .rope import RoPE
 
@@ -124,9 +124,7 @@ class LlamaModel(nn.Module):
         self.compute_dtype: mx.Dtype | None = None  # None: the embedding's dtype
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        h = self.embed_tokens(tokens)
-        if self.compute_dtype is not None:
-            h = cast(h, self.compute_dtype)  # a quantized table dequantizes to its scales' dtype
+        h = embed(self.embed_tokens, tokens, self.compute_dtype)
         caches = cache if cache is not None else [None] * len(self.layers)
         rope = self.rotary_tables(tokens.shape[1], caches[0] if caches else None)
         for layer, layer_cache in zip(self.layers, caches):
