@@ -63,7 +63,7 @@ def convert(
     force: bool = False,
     progress: bool = True,
     verify: bool = True,
-    method: str = "search",
+    method: str = "auto",
     bpw: float | None = None,
     calibrate: str | None = None,
     eval_text: str | None = None,
@@ -78,7 +78,7 @@ def convert(
     force: replace an existing `out` (atomically).
     progress: progress bars on a terminal, and a summary line on stdout.
     verify: load the result with the runtime and run one token before moving it into place.
-    method: "search" (error-minimizing scales) or "minmax" (mx.quantize, as mlx-lm does).
+    method: "auto" | "search" (error-minimizing scales) | "minmax" (mx.quantize, as mlx-lm).
     bpw: a bits-per-weight budget; formats are chosen per tensor by measured sensitivity
       (implies quantize). calibrate: "builtin" or a text file whose activation statistics
       weight the scale search. eval_text: print the perplexity of source and result on it.

@@ -53,9 +53,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help="bits for the embedding and output head when quantizing (default 8)")
     parser.add_argument("--no-quantize-embeddings", action="store_true",
                         help="keep the embedding and output head unquantized")
-    parser.add_argument("--method", choices=("search", "minmax"), default="search",
+    parser.add_argument("--method", choices=("auto", "search", "minmax"), default="auto",
                         help="how each group's scale and bias are chosen: 'search' minimizes the "
-                        "error (default), 'minmax' is plain min/max as mlx-lm does")
+                        "error, 'minmax' is plain min/max as mlx-lm does, 'auto' (default) "
+                        "searches where --calibrate/--bpw measured activations")
     parser.add_argument("--bpw", type=float, default=None,
                         help="bits-per-weight budget for the whole model (e.g. 4.5): each tensor "
                         "gets the format its measured sensitivity earns (implies -q)")

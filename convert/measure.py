@@ -69,8 +69,6 @@ def prepare_recipe(
     """Fill `recipe.importance` (and, with a budget, `recipe.overrides`) from measurements."""
     if recipe.calibration is None and recipe.bpw is None:
         return None
-    if recipe.method == "minmax":
-        raise MlxLlamaError("--calibrate and --bpw need --method search (the default)")
     text = read_calibration_text(recipe.calibration or "builtin")
     tokens = source_tokenizer(files).encode(text)
     weights = open_weights()

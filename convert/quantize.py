@@ -2,9 +2,10 @@
 
 `quantize_weight` is the one place numbers are turned into codes: MLX's affine scheme, where
 each group of `group_size` consecutive input weights gets a scale and a bias and every weight
-becomes a `bits`-bit code, packed into uint32 words. By default the scale and bias of each
-group are *searched* to minimize the reconstruction error (affine.py) instead of being read off
-the group's minimum and maximum; the stored format is the same, so mlx-lm reads it unchanged.
+becomes a `bits`-bit code, packed into uint32 words. The scale and bias of each group can be
+*searched* to minimize the (activation-weighted) reconstruction error (affine.py) instead of
+being read off the group's minimum and maximum; the stored format is the same either way, so
+mlx-lm reads it unchanged.
 
 The recipe follows what works in practice:
 - only Linear and Embedding weights are quantized (norms and biases are tiny and sensitive);
@@ -32,7 +33,7 @@ from .affine import quantize_search
 
 VALID_BITS = (2, 3, 4, 5, 6, 8)
 VALID_GROUP_SIZES = (32, 64, 128)
-METHODS = ("search", "minmax")
+METHODS = ("auto", "search", "minmax")
 # Modules whose weights may be quantized: the Linear projections, the embedding, the head.
 QUANTIZABLE_LEAVES = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -55,7 +56,10 @@ class QuantRecipe:
     """What the user asked for, and what `prepare_recipe` measured for it.
 
     embedding_bits=None keeps embedding and head unquantized. method: "search"
-    (error-minimizing scales, the default) or "minmax" (mx.quantize, as mlx-lm does).
+    (error-minimizing scales), "minmax" (mx.quantize, as mlx-lm does) or "auto" (the
+    default): search where calibration measured the module's activations, min/max elsewhere.
+    Unweighted, the search lowers the squared weight error but not the perplexity (on
+    SmolLM2 it raised it: docs/quantization.md), so it is not the default without data.
     bpw: a bits-per-weight budget for the whole model; formats are then chosen per tensor.
     calibration: "builtin" or a text file: activation statistics weight the scale search.
     """
@@ -63,7 +67,7 @@ class QuantRecipe:
     bits: int = 4
     group_size: int = 64
     embedding_bits: int | None = 8
-    method: str = "search"
+    method: str = "auto"
     bpw: float | None = None
     calibration: str | None = None
     # Filled in by prepare_recipe: per-module formats and error weights.
@@ -83,7 +87,13 @@ class QuantRecipe:
                 f"{', '.join(map(str, VALID_GROUP_SIZES))}"
             )
         if self.method not in METHODS:
-            raise MlxLlamaError(f"--method {self.method} is not supported: choose search or minmax")
+            raise MlxLlamaError(
+                f"--method {self.method} is not supported: choose auto, search or minmax")
+        if self.method == "minmax" and (self.bpw is not None or self.calibration is not None):
+            raise MlxLlamaError(
+                "--calibrate and --bpw measure activations for the scale search: use "
+                "--method auto (the default) or --method search"
+            )
         if self.bpw is not None and not 3.0 <= self.bpw <= 16.0:
             raise MlxLlamaError(f"--bpw {self.bpw} is out of range: choose between 3 and 16")
 
@@ -93,9 +103,10 @@ class QuantRecipe:
 
     def quantize(self, module: str, w: mx.array, spec: QuantSpec):
         """Quantize `module`'s weight `w` as `spec` says, with the recipe's method and weights."""
-        if self.method == "minmax":
+        importance = self.importance.get(module)
+        if self.method == "minmax" or (self.method == "auto" and importance is None):
             return mx.quantize(w, group_size=spec.group_size, bits=spec.bits)
-        return quantize_search(w, spec.bits, spec.group_size, self.importance.get(module))
+        return quantize_search(w, spec.bits, spec.group_size, importance)
 
 
 def quantize_weight(w: mx.array, bits: int, group_size: int,
@@ -128,7 +139,7 @@ def plan_tensor(name: str, shape: tuple[int, ...], recipe: QuantRecipe) -> Quant
 
 
 def most_common(specs: dict[str, QuantSpec], fallback: QuantSpec) -> QuantSpec:
-    """The format most weights... most modules use: the natural default of the block."""
+    """The format most modules use: the natural default of the config block."""
     counts = Counter(specs.values())
     return counts.most_common(1)[0][0] if counts else fallback
 

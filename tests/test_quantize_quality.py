@@ -1,0 +1,212 @@
+"""Quantization that keeps quality: scale search, sensitivity budget, calibration, reports.
+
+The end-to-end checks use a tiny Llama trained here for a few seconds (benchmarks/tiny_llama.py,
+torch) on a few kilobytes of the standard library's docstrings, until it predicts that text
+well: its weights are off any quantization grid and, unlike a random model, its perplexity
+moves when they are rounded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from convert.affine import pack_codes, quantize_search, reconstruction_error
+from convert.api import convert
+from convert.sensitivity import allocate
+from mlx_llama.errors import MlxLlamaError
+from mlx_llama.loading import load
+from mlx_llama.perplexity import perplexity
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_llama_module():
+    spec = importlib.util.spec_from_file_location("tiny_llama", ROOT / "benchmarks" / "tiny_llama.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("tiny_llama", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(HF folder of a trained 2-layer Llama, the text it was trained on)."""
+    import torch
+
+    tiny = _tiny_llama_module()
+    root = tmp_path_factory.mktemp("trained")
+    text = tiny.stdlib_docstrings(packages=("json",))[:4000]
+    (root / "text.txt").write_text(text)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on two shared cores are slower than one
+    try:
+        folder = tiny.train_tiny_llama(
+            root / "hf", text, vocab_size=384, hidden_size=64, intermediate_size=192,
+            num_hidden_layers=2, max_steps=250, seq_len=64, batch_size=16, lr=1e-2,
+            dtype="float32",
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return folder, root / "text.txt"
+
+
+def folder_ppl(folder: Path, text: str) -> float:
+    model, tokenizer = load(folder)
+    return perplexity(model, tokenizer.encode(text), 512).ppl
+
+
+def bits_per_weight(folder: Path, source: Path) -> float:
+    """Bits stored (codes, scales, biases, float tensors) per parameter of the source."""
+    stored = sum(a.nbytes for f in folder.glob("*.safetensors") for a in mx.load(str(f)).values())
+    params = sum(a.size for f in source.glob("*.safetensors") for a in mx.load(str(f)).values())
+    return stored * 8 / params
+
+
+# ---------------------------------------------------------------------------------------------
+# The scale search
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_packed_codes_use_mlx_layout(bits):
+    w = mx.random.normal((4, 128), key=mx.random.key(bits))
+    wq, scales, biases = mx.quantize(w, group_size=32, bits=bits)
+    deq = mx.dequantize(wq, scales, biases, group_size=32, bits=bits)
+    codes = mx.round((deq.reshape(4, -1, 32) - biases[..., None]) / scales[..., None])
+    assert np.array_equal(np.array(pack_codes(codes.reshape(4, 128), bits)), np.array(wq))
+
+
+def test_search_beats_minmax_and_finds_a_grid_the_weights_sit_on():
+    rng = np.random.default_rng(0)
+    w = rng.standard_t(4, size=(64, 256)).astype(np.float32)  # heavy tails: outliers
+    h = rng.gamma(0.5, size=256).astype(np.float32)  # uneven channel importance
+    w, h = mx.array(w), mx.array(h)
+    for bits in (3, 4):
+        plain = reconstruction_error(w, *mx.quantize(w, 64, bits), bits, 64)
+        ours = reconstruction_error(w, *quantize_search(w, bits, 64), bits, 64)
+        assert ours < 0.9 * plain
+        plain_h = reconstruction_error(w, *mx.quantize(w, 64, bits), bits, 64, h)
+        ours_h = reconstruction_error(w, *quantize_search(w, bits, 64, h), bits, 64, h)
+        assert ours_h < 0.9 * plain_h
+    # Weights already on a 4-bit grid per 32, made as llama.cpp's Q4_1 makes it (the group's
+    # minimum is code 0, its maximum code 15), like SmolLM2's: found again.
+    steps = rng.uniform(0.01, 0.1, size=(64, 8, 1))
+    lows = rng.uniform(-1, 0, size=(64, 8, 1))
+    codes = rng.integers(0, 16, size=(64, 8, 32))
+    codes[..., 0], codes[..., 1] = 0, 15
+    on_grid = mx.array((lows + steps * codes).reshape(64, 256).astype(np.float32))
+    plain = reconstruction_error(on_grid, *mx.quantize(on_grid, 32, 4), 4, 32)
+    ours = reconstruction_error(on_grid, *quantize_search(on_grid, 4, 32), 4, 32)
+    assert ours < 1e-3 * plain
+
+
+def test_search_output_is_standard_mlx_affine():
+    w = mx.random.normal((96, 128), key=mx.random.key(1)).astype(mx.bfloat16)
+    wq, scales, biases = quantize_search(w, 4, 64)
+    ref = mx.quantize(w, group_size=64, bits=4)
+    assert [a.shape for a in (wq, scales, biases)] == [a.shape for a in ref]
+    assert (wq.dtype, scales.dtype, biases.dtype) == (mx.uint32, mx.bfloat16, mx.bfloat16)
+    x = mx.random.normal((3, 128), key=mx.random.key(2))
+    scales, biases = scales.astype(mx.float32), biases.astype(mx.float32)
+    fused = mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=64, bits=4)
+    dense = x @ mx.dequantize(wq, scales, biases, group_size=64, bits=4).T
+    assert mx.allclose(fused, dense, atol=1e-3).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The budget
+# ---------------------------------------------------------------------------------------------
+
+
+def test_allocation_spends_the_budget_on_what_is_sensitive():
+    formats = [(3, 64), (4, 64), (8, 64)]
+    # Cost falls 4x per extra bit; "hot" is 100x as sensitive as the others.
+    costs = {name: {f: weight * 4.0 ** -f[0] for f in formats}
+             for name, weight in (("hot", 100.0), ("a", 1.0), ("b", 1.0))}
+    sizes = {"hot": 1000, "a": 1000, "b": 1000}
+    bpw = lambda f: f[0] + 2 * 16 / f[1]  # noqa: E731
+    choice = allocate(costs, sizes, budget_bits=3000 * 5.5, scale_bits=16)
+    assert sum(sizes[t] * bpw(f) for t, f in choice.items()) <= 3000 * 5.5
+    assert choice["hot"][0] > choice["a"][0] and choice["hot"][0] > choice["b"][0]
+    with pytest.raises(MlxLlamaError, match="--bpw is too low"):
+        allocate(costs, sizes, budget_bits=3000 * 3.0, scale_bits=16)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on a trained model
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def conversions(trained, tmp_path_factory):
+    """Plain min/max 4-bit (mlx-lm's recipe) and ours at --bpw 4.5, both bfloat16."""
+    folder, _ = trained
+    root = tmp_path_factory.mktemp("conversions")
+    plain = convert(folder, root / "minmax", dtype="bfloat16", quantize=True, method="minmax",
+                    embedding_bits=4, progress=False)
+    ours = convert(folder, root / "bpw45", dtype="bfloat16", bpw=4.5, calibrate="builtin",
+                   progress=False)
+    return plain, ours
+
+
+def test_bpw_budget_halves_the_perplexity_cost_of_minmax(trained, conversions):
+    folder, text_path = trained
+    plain, ours = conversions
+    text = text_path.read_text()
+    full = folder_ppl(folder, text)
+    plain_cost = folder_ppl(plain, text) / full - 1
+    ours_cost = folder_ppl(ours, text) / full - 1
+    assert bits_per_weight(ours, folder) <= 4.5 + 1e-6
+    assert bits_per_weight(plain, folder) >= 4.5  # the baseline is not given fewer bits
+    assert plain_cost > 0.01, "the test model is not sensitive enough to judge anything"
+    assert ours_cost <= 0.5 * plain_cost, (ours_cost, plain_cost)
+
+
+def test_mixed_precision_folder_loads_in_mlx_lm_with_our_logits(trained, conversions):
+    mlx_lm = pytest.importorskip("mlx_lm")
+    _, ours = conversions
+    block = json.loads((ours / "config.json").read_text())["quantization"]
+    overrides = {k: v for k, v in block.items() if isinstance(v, dict)}
+    assert len({(v["bits"], v["group_size"]) for v in overrides.values()}) >= 2
+    tokens = mx.array([[1, 17, 42, 99, 5, 260, 300, 7]])
+    model, _ = load(ours, compute_dtype=mx.float32)
+    theirs, _ = mlx_lm.load(str(ours))
+    theirs.set_dtype(mx.float32)  # both compute in float32 from the same stored numbers
+    expected = np.array(model(tokens))
+    got = np.array(theirs(tokens))
+    assert np.abs(expected - got).max() < 1e-3 * np.abs(expected).max()
+
+
+def test_cli_prints_bits_per_weight_and_perplexity(trained, tmp_path, capsys):
+    from convert.cli import main
+
+    folder, text_path = trained
+    code = main([str(folder), "-o", str(tmp_path / "out"), "--dtype", "bfloat16", "-q",
+                 "--calibrate", "builtin", "--embeddings-bits", "4", "--eval", str(text_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "bits per weight" in out and "Perplexity on" in out and "source" in out
+
+
+def test_user_errors_are_one_line(trained, tmp_path, capsys):
+    from convert.cli import main
+
+    folder, _ = trained
+    cases = [
+        (["--calibrate", str(tmp_path / "missing.txt")], "does not exist"),
+        (["--eval", str(tmp_path / "missing.txt")], "does not exist"),
+        (["--bpw", "4.5", "--method", "minmax"], "--method search"),
+        (["--bpw", "2"], "--bpw 2.0 is out of range"),
+    ]
+    for extra, message in cases:
+        code = main([str(folder), "-o", str(tmp_path / "x"), *extra])
+        err = capsys.readouterr().err
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "x").exists()
