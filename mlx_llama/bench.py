@@ -259,6 +259,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed trials first (default 1)")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens per prefill step (default: the engine's)")
+    p.add_argument("--dense-prefill", action="store_true",
+                   help="CPU: multiply prompt chunks at bfloat16 even for a float32/float16 "
+                        "checkpoint (the default for bfloat16 ones; see mlx_llama/fused.py)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -271,6 +274,10 @@ def run(args: argparse.Namespace) -> int:
         raise MlxLlamaError("-g must be at least 2: decoding is timed from the second token")
     folder = resolve_model(args.model)
     model, _ = load_model(folder)
+    if args.dense_prefill:
+        from .fused import use_dense_prefill
+
+        use_dense_prefill(model)
     report = benchmark(model, str(folder), args.prompt_tokens, args.generation_tokens,
                        args.trials, args.warmup, prefill_chunk=args.prefill_chunk)
     print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))

@@ -17,8 +17,10 @@ keeps the graph small without changing the arithmetic:
 - `DenseFriendlyQuantizedLinear`: for prompt chunks on the CPU, dequantize the weight once
   per chunk and use the dense bfloat16 matmul, about twice as fast there as the quantized
   float32 kernel (which redoes the dequantization for every row). Activations are rounded to
-  bfloat16 for the product only: an error some thirty times smaller than the 4-bit
-  weights' own (see benchmarks/README.md). Decode (one row) keeps the quantized kernel.
+  bfloat16 for the product only, so loading turns it on for bfloat16 checkpoints (their own
+  precision); on a float32 one it would move perplexity by about 0.5-1% (see
+  benchmarks/README.md), so it is opt-in there (`use_dense_prefill`, `bench --dense-prefill`).
+  Decode (one row) keeps the quantized kernel.
 
 All shapes of a decode step are fixed (one token), so each compiled function is traced once.
 """

@@ -8,8 +8,8 @@ The compute dtype is chosen per backend: on the CPU backend MLX's quantized matm
 eight times faster with float32 activations than with bfloat16/float16, so activations and the
 parameters used directly (norms, unquantized weights) are float32 there, while quantization
 scales/biases and the KV cache keep the checkpoint's dtype (the memory mlx-lm uses). Prompt
-chunks take a dense bfloat16 product there (fused.py). On a GPU everything keeps the stored
-dtype, which halves memory traffic. An explicit `compute_dtype` is used for everything,
+chunks of a bfloat16 checkpoint take a dense bfloat16 product there (fused.py). On a GPU
+everything keeps the stored dtype, which halves memory traffic. An explicit `compute_dtype` is used for everything,
 exactly. The files on disk are never changed.
 """
 
@@ -132,6 +132,7 @@ def auto_kv_dtype(model: nn.Module, compute: mx.Dtype) -> mx.Dtype:
     """bfloat16 for a bfloat16 checkpoint (it was made to run at that precision, and mlx-lm
     holds its cache so); otherwise the compute dtype. float16 storage (GGUF block scales, say)
     says little about activations, and float16 attention on the CPU is slow and can overflow.
+    Call before casting (it reads the stored dtype).
     """
     return mx.bfloat16 if storage_dtype(model) == mx.bfloat16 else compute
 
@@ -160,6 +161,7 @@ def load_model(
             "re-convert the model"
         ) from None
     auto = compute_dtype == "auto"
+    stored = storage_dtype(model)
     if auto:
         compute_dtype = default_compute_dtype()
     if compute_dtype is not None:
@@ -169,8 +171,10 @@ def load_model(
         kv_dtype = auto_kv_dtype(model, compute_dtype) if auto else compute_dtype
         cast_floating(model, compute_dtype)
         model.set_dtypes(compute_dtype, kv_dtype)
-    if auto and lean_graph():
-        use_dense_prefill(model)  # same layers and parameters; see fused.py
+    if auto and lean_graph() and stored == mx.bfloat16:
+        # Prompt chunks of a bfloat16 checkpoint multiply at bfloat16, its own precision (about
+        # twice as fast on the CPU); float32/float16 checkpoints keep the exact kernel.
+        use_dense_prefill(model)
     model.eval()
     return model, raw
 

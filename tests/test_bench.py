@@ -81,7 +81,7 @@ def test_bytes_per_token_counts_tied_table_once(tiny_checkpoints):
 
 def test_cli_json(quantized_tiny, capsys):
     assert main(["bench", "-m", str(quantized_tiny), "-p", "12", "-g", "3", "-n", "1",
-                 "--json"]) == 0
+                 "--dense-prefill", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["prompt_tokens"] == 12 and report["trials"] == 1
     assert report["generation_tps"]["median"] > 0 and report["model_bytes"] > 0

@@ -108,3 +108,14 @@ def test_auto_dtypes_on_cpu(tiny_checkpoints, tmp_path):
         cache = model.make_cache()
         logits = model(mx.array([list(range(3, 20))]), cache)
         assert logits.dtype == mx.float32 and cache[0].state[0].dtype == kv_dtype
+
+
+def test_float32_checkpoint_stays_exact_under_auto(tiny_checkpoints, tmp_path):
+    from convert.api import convert
+
+    folder = convert(tiny_checkpoints["gqa"], tmp_path / "q4", quantize=True, progress=False)
+    auto, _ = load_model(folder)
+    assert type(auto.model.layers[0].mlp.up_proj) is nn.QuantizedLinear
+    cache = auto.make_cache()
+    auto(mx.array([[5, 6, 7]]), cache)
+    assert cache[0].state[0].dtype == mx.float32
