@@ -9,11 +9,12 @@ the two extreme weights instead of where the weights are.
 Here the pair (s, b) is chosen to minimize the (optionally importance-weighted) squared
 reconstruction error sum_i h_i (w_i - s*q_i - b)^2, the way llama.cpp's k-quants choose block
 scales:
-1. candidates: grids slightly finer and coarser than min/max (so the extremes may clip),
-   anchored at the minimum, at the maximum and at the centre; for each, round to codes and
-   solve the weighted least-squares problem for (s, b) given those codes (closed form);
-2. refinement: from the best candidate, alternate "round to the nearest code" and "refit
-   (s, b)"; each step can only lower the error, so this settles in a few rounds;
+1. candidates: mx.quantize's own grid (so the result is never worse than it), and grids one
+   step finer than min/max that leave the extremes to clip at the top, the bottom or both;
+   for each, round to codes and solve the weighted least-squares problem for (s, b) given
+   those codes (closed form);
+2. refinement: from the best candidate, "round to the nearest code" and "refit (s, b)"
+   again; each such step can only lower the error;
 3. the winner is rounded to the stored dtype and the codes are taken against the stored
    values, so what is written is what was measured.
 Every error is computed from six running sums (sum h, h*x, h*x^2, h*q, h*q^2, h*q*x), never
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-CHUNK_ELEMENTS = 1 << 15
+CHUNK_ELEMENTS = 1 << 17
 # Candidate grids (delta, anchor), see fit_groups: each costs one pass of rounding and sums.
 CANDIDATES = ((1.0, 0.5), (1.0, 0.0), (1.0, 1.0))
 THOROUGH = tuple((d, a) for d in (0.5, 1.0, 2.0) for a in (0.0, 0.5, 1.0))
