@@ -156,7 +156,8 @@ def _keep_better(s, b, e, best_s, best_b, best_e):
 
 def _code_sums(h, hx, q):
     hq = q if h is None else h * q
-    return hq.sum(-1, keepdims=True), (hq * q).sum(-1, keepdims=True), (hx * q).sum(-1, keepdims=True)
+    return (hq.sum(-1, keepdims=True), (hq * q).sum(-1, keepdims=True),
+            (hx * q).sum(-1, keepdims=True))
 
 
 def _refit(q, h, hx, stats, s0, b0):

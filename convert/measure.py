@@ -27,7 +27,8 @@ from mlx_llama.config import ModelConfig
 from mlx_llama.errors import MlxLlamaError
 
 from .calibrate import DEFAULT_MAX_TOKENS, Calibration, calibrate, read_calibration_text
-from .quantize import HIGH_PRECISION_MODULES, QUANTIZABLE_LEAVES, QuantRecipe, QuantSpec, most_common
+from .quantize import (HIGH_PRECISION_MODULES, QUANTIZABLE_LEAVES, QuantRecipe, QuantSpec,
+                       most_common)
 from .sensitivity import FORMATS, Importance, allocate, format_cost, lookup_frequencies
 
 # Added to every channel's weight, relative to the mean: a channel the calibration text never
@@ -71,13 +72,13 @@ def prepare_recipe(
         return None
     text = read_calibration_text(recipe.calibration or "builtin")
     tokens = source_tokenizer(files).encode(text)
-    weights = open_weights()
-    model = source_model(weights, cfg)
+    model = source_model(open_weights(), cfg)  # the lazy source arrays die with the call
     if progress:
         print(f"Calibrating on {min(len(tokens), DEFAULT_MAX_TOKENS)} tokens of "
               f"{recipe.calibration or 'builtin'} text...", flush=True)
     cal = calibrate(model, tokens)
-    counts = mx.zeros((cfg.vocab_size,), mx.float32).at[mx.array(tokens[:DEFAULT_MAX_TOKENS])].add(1.0)
+    seen = mx.array(tokens[:DEFAULT_MAX_TOKENS])
+    counts = mx.zeros((cfg.vocab_size,), mx.float32).at[seen].add(1.0)
     recipe.importance = channel_importance(cal, cfg, counts)
     if recipe.bpw is not None:
         params = dict(_flat(model))
@@ -92,7 +93,8 @@ def _flat(model):
     return tree_flatten(model.parameters())
 
 
-def channel_importance(cal: Calibration, cfg: ModelConfig, counts: mx.array) -> dict[str, Importance]:
+def channel_importance(cal: Calibration, cfg: ModelConfig,
+                       counts: mx.array) -> dict[str, Importance]:
     """Per-module error weights for the scale search."""
 
     def floor(v: mx.array) -> mx.array:
@@ -169,7 +171,8 @@ def describe_choice(overrides: dict[str, QuantSpec]) -> str:
              sorted(counts.items(), key=lambda kv: (kv[0].bits, -kv[0].group_size))]
     special = [f"{m.rsplit('.', 1)[-1]} {overrides[m].bits}-bit" for m in HIGH_PRECISION_MODULES
                if m in overrides]
-    return "Formats by sensitivity: " + ", ".join(parts) + (f" ({', '.join(special)})" if special else "")
+    extra = f" ({', '.join(special)})" if special else ""
+    return "Formats by sensitivity: " + ", ".join(parts) + extra
 
 
 def evaluate(out: Path, open_weights: Callable[[], dict[str, mx.array]], cfg: ModelConfig,

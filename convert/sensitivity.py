@@ -98,7 +98,8 @@ def allocate(costs: dict[str, dict[tuple[int, int], float]], sizes: dict[str, in
         return fmt[0] + 2 * scale_bits / fmt[1]
 
     def choose(lam: float) -> dict[str, tuple[int, int]]:
-        return {t: min(c, key=lambda f: c[f] + lam * sizes[t] * bits_of(f)) for t, c in costs.items()}
+        return {t: min(c, key=lambda f: c[f] + lam * sizes[t] * bits_of(f))
+                for t, c in costs.items()}
 
     def total(choice) -> float:
         return sum(sizes[t] * bits_of(f) for t, f in choice.items())

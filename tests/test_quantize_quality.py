@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiny_llama_module():
-    spec = importlib.util.spec_from_file_location("tiny_llama", ROOT / "benchmarks" / "tiny_llama.py")
+    path = ROOT / "benchmarks" / "tiny_llama.py"
+    spec = importlib.util.spec_from_file_location("tiny_llama", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("tiny_llama", module)
     spec.loader.exec_module(module)
