@@ -124,9 +124,10 @@ def test_context_longer_than_the_model_is_refused(tiny):
 # SmolLM2 (the bundled model): agreement with transformers, and the quantized caches
 # ------------------------------------------------------------------------------------------
 
-# Small on purpose (the CPU backend is slow): 64 tokens in windows of 32 every 16. The long
-# text figures come from benchmarks/long_context.py.
-SMOL_TOKENS, SMOL_CONTEXT, SMOL_STRIDE, SMOL_CHUNK = 64, 32, 16, 16
+# Small on purpose (the CPU backend is slow): 64 tokens in windows of 48 every 16, fed to
+# the caches 16 at a time, with key groups of 32 tokens so most keys read are quantized
+# even in so short a text. The long-text figures come from benchmarks/long_context.py.
+SMOL_TOKENS, SMOL_CONTEXT, SMOL_STRIDE, SMOL_CHUNK, SMOL_GROUP = 64, 48, 16, 16, 32
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,8 @@ def test_smollm2_quantized_cache_perplexity(smol, smol_default, bits, tolerance)
     """Each window goes through the quantized cache in chunks: attention reads packed K/V."""
     model, tokens = smol
     quantized = perplexity(model, tokens, SMOL_CONTEXT, SMOL_STRIDE, chunk=SMOL_CHUNK,
-                           make_cache=lambda: model.make_cache("quantized", bits=bits))
+                           make_cache=lambda: model.make_cache("quantized", bits=bits,
+                                                               group_size=SMOL_GROUP))
     assert quantized.n_tokens == smol_default.n_tokens
     assert abs(quantized.ppl / smol_default.ppl - 1) < tolerance
 
