@@ -133,9 +133,13 @@ def test_allocation_spends_the_budget_on_what_is_sensitive():
              for name, weight in (("hot", 100.0), ("a", 1.0), ("b", 1.0))}
     sizes = {"hot": 1000, "a": 1000, "b": 1000}
     bpw = lambda f: f[0] + 2 * 16 / f[1]  # noqa: E731
-    choice = allocate(costs, sizes, budget_bits=3000 * 5.5, scale_bits=16)
-    assert sum(sizes[t] * bpw(f) for t, f in choice.items()) <= 3000 * 5.5
-    assert choice["hot"][0] > choice["a"][0] and choice["hot"][0] > choice["b"][0]
+    choice = allocate(costs, sizes, budget_bits=3000 * 6.0, scale_bits=16)
+    assert sum(sizes[t] * bpw(f) for t, f in choice.items()) <= 3000 * 6.0
+    assert choice == {"hot": (8, 64), "a": (4, 64), "b": (4, 64)}
+    # 3 bits only when 4 cannot meet the budget.
+    tight = allocate(costs, sizes, budget_bits=3000 * 4.2, scale_bits=16)
+    assert sum(sizes[t] * bpw(f) for t, f in tight.items()) <= 3000 * 4.2
+    assert tight["hot"][0] >= 4 and min(f[0] for f in tight.values()) == 3
     with pytest.raises(MlxLlamaError, match="--bpw is too low"):
         allocate(costs, sizes, budget_bits=3000 * 3.0, scale_bits=16)
 
