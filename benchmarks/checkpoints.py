@@ -67,7 +67,8 @@ def smollm2(dtype: str = "bfloat16", root: Path = CACHE) -> Path:
 
     gguf = smollm2_gguf()
     torch_dtype = getattr(torch, dtype)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch_dtype)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A model loaded from GGUF is marked quantized and refuses save_pretrained: rebuild a plain
     # one from the same config and weights.

@@ -45,7 +45,7 @@ MARK = "@@bench "  # worker replies are the lines that start with this
 # ----------------------------------------------------------------------------- workers
 
 
-def _load(project: str, folder: Path):
+def _load(project: str, folder: Path, dense_prefill: bool = False):
     """(model, tokens(prompt, cache) -> iterator of ints, make_cache, step graph outputs)."""
     import mlx.core as mx
 
@@ -56,12 +56,19 @@ def _load(project: str, folder: Path):
         from mlx_llama.sampling import SamplingParams, make_sampler
 
         model, _ = load_model(folder)
+        if dense_prefill:
+            from mlx_llama.fused import use_dense_prefill
+
+            use_dense_prefill(model)
         sampler = make_sampler(SamplingParams())
 
         def step(token, cache):
             return decode_step(model, token, cache, sampler)
 
-        return model, lambda prompt, cache: engine_tokens(model, prompt, cache), model.make_cache, step
+        def tokens(prompt, cache):
+            return engine_tokens(model, prompt, cache)
+
+        return model, tokens, model.make_cache, step
 
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import make_prompt_cache
@@ -100,11 +107,12 @@ def _ops(tokens_fn, make_cache, step, vocab: int):
     return graph_ops(*outputs)
 
 
-def worker(project: str, folder: Path, prompt_tokens: int, generation_tokens: int) -> None:
+def worker(project: str, folder: Path, prompt_tokens: int, generation_tokens: int,
+           dense_prefill: bool = False) -> None:
     """Serve trials over stdin/stdout: 'trial' runs one timed generation, 'info' static data."""
     from mlx_llama.bench import decode_bytes_per_token, fixed_prompt, parameter_bytes, time_trial
 
-    model, tokens_fn, make_cache, step = _load(project, folder)
+    model, tokens_fn, make_cache, step = _load(project, folder, dense_prefill)
     vocab = (getattr(model, "config", None) or model.args).vocab_size
     prompt = fixed_prompt(prompt_tokens, vocab)
     holder: list = []
@@ -138,12 +146,12 @@ def worker(project: str, folder: Path, prompt_tokens: int, generation_tokens: in
 
 
 class Worker:
-    def __init__(self, project: str, folder: Path, p: int, g: int):
+    def __init__(self, project: str, folder: Path, p: int, g: int, dense_prefill: bool = False):
         self.project = project
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", project, str(folder), "-p", str(p), "-g", str(g)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
+        command = [sys.executable, __file__, "--worker", project, str(folder), "-p", str(p),
+                   "-g", str(g)] + (["--dense-prefill"] if dense_prefill else [])
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
 
     def read(self) -> dict:
         for line in self.proc.stdout:
@@ -205,14 +213,16 @@ def convert_both(src: Path, work: Path, reconvert: bool) -> dict[str, Path]:
 # ----------------------------------------------------------------------------- the run
 
 
-def compare(folders: dict[str, Path], p: int, g: int, n: int, log=print) -> dict:
+def compare(folders: dict[str, Path], p: int, g: int, n: int, log=print,
+            dense_prefill: bool = False) -> dict:
     """Alternate the projects' trials; return per-project reports, ratios and op counts.
 
     `folders` maps each worker name (PROJECTS, and optionally SAME_WEIGHTS) to its folder.
     """
     from mlx_llama.bench import Trial, summarize
 
-    workers = {name: Worker(name, folder, p, g) for name, folder in folders.items()}
+    workers = {name: Worker(name, folder, p, g, dense_prefill)
+               for name, folder in folders.items()}
     try:
         for w in workers.values():
             w.read()  # loaded and warmed up
@@ -224,7 +234,8 @@ def compare(folders: dict[str, Path], p: int, g: int, n: int, log=print) -> dict
                 trials[name].append(Trial(p, g, r["ttft_s"], r["decode_s"], r["peak_memory_bytes"]))
                 t = trials[name][-1]
                 log(f"  trial {i + 1}/{n} {name:24s} prompt {t.prompt_tps:8.1f} tok/s  "
-                    f"decode {t.generation_tps:7.2f} tok/s  peak {t.peak_memory_bytes / 1e6:7.1f} MB")
+                    f"decode {t.generation_tps:7.2f} tok/s  "
+                    f"peak {t.peak_memory_bytes / 1e6:7.1f} MB")
     finally:
         for w in workers.values():
             w.close()
@@ -253,7 +264,8 @@ def ratios(ours: dict, theirs: dict, our_ops: int, their_ops: int) -> dict[str, 
         "prompt_tps": median(ours, "prompt_tps") / median(theirs, "prompt_tps"),
         "generation_tps": median(ours, "generation_tps") / median(theirs, "generation_tps"),
         "ttft_s": median(ours, "ttft_s") / median(theirs, "ttft_s"),
-        "peak_memory_bytes": median(ours, "peak_memory_bytes") / median(theirs, "peak_memory_bytes"),
+        "peak_memory_bytes": (median(ours, "peak_memory_bytes")
+                              / median(theirs, "peak_memory_bytes")),
         "model_bytes": ours["model_bytes"] / theirs["model_bytes"],
         "ops_per_decode_step": our_ops / their_ops,
     }
@@ -323,12 +335,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reconvert", action="store_true", help="convert again even if present")
     parser.add_argument("--same-weights", action="store_true",
                         help="also run mlx-llama on mlx-lm's folder (runtime-only comparison)")
+    parser.add_argument("--dense-prefill", action="store_true",
+                        help="mlx-llama multiplies prompt chunks at bfloat16 whatever the "
+                             "checkpoint's dtype (by default only bfloat16 ones do)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--worker", nargs=2, metavar=("PROJECT", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        worker(args.worker[0], Path(args.worker[1]), args.prompt_tokens, args.generation_tokens)
+        worker(args.worker[0], Path(args.worker[1]), args.prompt_tokens, args.generation_tokens,
+               args.dense_prefill)
         return 0
     src = source_folder(args.model, args.dtype, args.layers)
     folders = convert_both(src, args.work, args.reconvert)
@@ -339,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     print(title, flush=True)
     start = time.perf_counter()
     result = compare(folders, args.prompt_tokens, args.generation_tokens, args.trials,
-                     log=lambda s: print(s, flush=True))
-    result.update(source=str(src), machine=machine(), prompt_tokens=args.prompt_tokens,
+                     log=lambda s: print(s, flush=True), dense_prefill=args.dense_prefill)
+    result.update(source=str(src), machine=machine(), dense_prefill=args.dense_prefill,
+                  prompt_tokens=args.prompt_tokens,
                   generation_tokens=args.generation_tokens, trials=args.trials,
                   seconds=time.perf_counter() - start)
     print(format_result("median [min..max]; ratio = mlx-llama / mlx-lm; same-w = mlx-llama on "
