@@ -80,6 +80,15 @@ def print_stats(last) -> None:
     )
 
 
+def print_fit_warning(model) -> None:
+    """One line on stderr when the model does not fit the memory available (any backend)."""
+    from .memory import fit_warning
+
+    message = fit_warning(model)
+    if message:
+        print(f"warning: {message}", file=sys.stderr)
+
+
 def prefill_progress(done: int, total: int) -> None:
     """Shown only on a terminal and only for prompts longer than one chunk."""
     from .generate import PREFILL_CHUNK
@@ -95,6 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .loading import load
 
     model, tokenizer = load(resolve_model(args.model))
+    print_fit_warning(model)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.system and not args.no_chat_template:
         prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]
@@ -142,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_argument(c)
     c.add_argument("--system", default=None, help="system message")
     add_sampling_arguments(c)
+    add_cache_arguments(c, prompt_cache=False)  # the conversation is its own prompt cache
     c.set_defaults(func=cmd_chat)
 
     for name, (module, add, run) in EXTERNAL.items():

@@ -11,13 +11,18 @@ a stop string or Ctrl-C), it falls back to the full rendering and plain prefix r
 
 from __future__ import annotations
 
+from typing import Callable
+
 from .cache import PromptCache
 
 
 class Conversation:
-    def __init__(self, model, tokenizer, system: str | None = None) -> None:
+    def __init__(self, model, tokenizer, system: str | None = None,
+                 make_layers: Callable[[], list] | None = None) -> None:
+        """`make_layers` builds the per-layer caches (default: the model's default kind);
+        `cache_options.cache_factory` gives one for --kv-bits / --max-kv-size."""
         self.tokenizer = tokenizer
-        self.make_layers = model.make_cache
+        self.make_layers = make_layers or model.make_cache
         self.system = system
         self.reset()
 

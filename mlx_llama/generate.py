@@ -17,6 +17,7 @@ import mlx.core as mx
 
 from .cache import PromptCache
 from .errors import MlxLlamaError
+from .memory import wired_limit
 from .sampling import LogitsProcessor, SamplingParams, make_sampler
 
 PREFILL_CHUNK = 512
@@ -217,8 +218,14 @@ def stream_generate(
     processor = LogitsProcessor(sampling, model.config.vocab_size, tokens)
     end_ids = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
     stops = StopStrings([stop] if isinstance(stop, str) else list(stop or []))
-    detok = tokenizer.detokenizer()
+    with wired_limit(model):  # Metal: keep the weights resident for the run; else a no-op
+        yield from _run(model, tokens, cached, cache, max_tokens, sampler, processor, end_ids,
+                        stops, tokenizer.detokenizer(), logprobs, prefill_chunk,
+                        prefill_progress)
 
+
+def _run(model, tokens, cached, cache, max_tokens, sampler, processor, end_ids, stops, detok,
+         logprobs, prefill_chunk, prefill_progress) -> Iterator[GenerationResponse]:
     mx.reset_peak_memory()
     start = time.perf_counter()
     first_logits = prefill(model, tokens[cached:], cache.layers, prefill_chunk, prefill_progress)

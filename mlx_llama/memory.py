@@ -87,13 +87,13 @@ def warn_if_too_big(model: nn.Module, extra_bytes: int = 0) -> str | None:
 def wired_limit(model: nn.Module, extra_bytes: int = 0) -> Iterator[None]:
     """Raise Metal's wired memory limit to cover the model for the block, then restore it.
 
-    A no-op where Metal is not available. Warns (MemoryFitWarning) when the model does not
-    fit the recommended working set; the limit is never lowered.
+    A no-op where Metal is not available; the limit is never lowered. It does not warn: it
+    runs around every generation, so the fit warning is the caller's, once per load
+    (`fit_warning`, printed by the CLI and logged by the server).
     """
     if not metal_available():
         yield
         return
-    warn_if_too_big(model, extra_bytes)
     ceiling = int(device_info().get("max_recommended_working_set_size") or 0)
     target = model_nbytes(model) + extra_bytes
     if ceiling:

@@ -124,3 +124,60 @@ def test_chat_ctrl_c_at_the_prompt_leaves_cleanly(chat_model):
         proc.kill()
     assert proc.returncode == 0
     assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def chat_model_hd32(tmp_path_factory, sp_model_file) -> Path:
+    """Head size 32: the smallest the quantized cache's groups fit."""
+    from conftest import make_hf_checkpoint
+
+    folder = make_hf_checkpoint(tmp_path_factory.mktemp("hd32") / "m", sp_model_file, seed=3,
+                                num_attention_heads=2, num_key_value_heads=1)
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "chat_template": CHATML_TEMPLATE}))
+    return folder
+
+
+def test_chat_uses_the_kv_cache_flags(chat_model_hd32):
+    """--kv-bits reaches the chat's cache (turns still reuse it), and the cache options are
+    checked like generate's: two kinds at once is a one-line error."""
+    chat_model = chat_model_hd32
+    result = run_cli("chat", "-m", str(chat_model), "--max-tokens", "4", "--kv-bits", "8",
+                     "--kv-group-size", "32", stdin="Hello there\nTell me more\n/quit\n")
+    assert result.returncode == 0, result.stderr
+    cached = [int(c) for c in re.findall(r"tokens: (\d+) cached", result.stderr)]
+    assert cached[0] == 0 and cached[1] > 0
+    both = run_cli("chat", "-m", str(chat_model), "--kv-bits", "8", "--max-kv-size", "64",
+                   stdin="Hello\n")
+    assert both.returncode == 1 and "cannot be combined" in one_line_error(both.stderr)
+
+
+def test_conversation_caches_are_of_the_kind_asked(chat_model_hd32):
+    import argparse
+
+    from mlx_llama.cache_options import add_cache_arguments, cache_factory
+    from mlx_llama.conversation import Conversation
+    from mlx_llama.generate import generate
+    from mlx_llama.loading import load
+
+    model, tokenizer = load(chat_model_hd32)
+    parser = argparse.ArgumentParser()
+    add_cache_arguments(parser, prompt_cache=False)
+    for flags, kind in ((["--kv-bits", "4", "--kv-group-size", "32"], "quantized"),
+                        (["--max-kv-size", "64"], "rotating"), ([], "default")):
+        chat = Conversation(model, tokenizer, make_layers=cache_factory(parser.parse_args(flags),
+                                                                        model))
+        generate(model, tokenizer, chat.add_user("Hello there"), 3, cache=chat.cache)
+        assert {layer.kind for layer in chat.cache.layers} == {kind}
+
+
+def test_generate_warns_in_one_line_when_the_model_cannot_fit(tiny_checkpoints, monkeypatch,
+                                                              capsys):
+    from mlx_llama import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda: 1000)
+    assert main(["generate", "-m", str(tiny_checkpoints["gqa"]), "-p", "hi",
+                 "--max-tokens", "2"]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "0.00 GB is available" in warning[0], warning

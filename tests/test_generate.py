@@ -86,3 +86,28 @@ def test_bad_input_is_one_line_error(tiny, prompt, kwargs, needle):
     with pytest.raises(MlxLlamaError) as e:
         generate(model, tok, prompt, max_tokens, **kwargs)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_generation_runs_inside_the_wired_limit(tiny, monkeypatch):
+    """On Metal the wired limit covers the model while tokens are made and is restored when
+    the stream ends (faked here: the CPU backend has no wired memory)."""
+    import mlx.core as mx
+
+    from mlx_llama import memory
+
+    model, tok = tiny
+    limit = {"now": 7}
+    during = []
+
+    def set_wired_limit(value):
+        previous, limit["now"] = limit["now"], value
+        return previous
+
+    monkeypatch.setattr(memory, "metal_available", lambda: True)
+    monkeypatch.setattr(memory, "device_info",
+                        lambda: {"max_recommended_working_set_size": 1 << 40})
+    monkeypatch.setattr(mx, "set_wired_limit", set_wired_limit, raising=False)
+    for _ in stream_generate(model, tok, PROMPT, 3):
+        during.append(limit["now"])
+    assert during == [memory.model_nbytes(model)] * 3
+    assert limit["now"] == 7

@@ -657,3 +657,13 @@ def test_server_uses_the_chosen_kv_cache_kind(tmp_path, sp_model_file, kind, opt
         assert {c.kind for c in running.worker.prefix_cache.make_layers()} == {kind}
     finally:
         running.close()
+
+
+def test_cached_memory_is_released_after_each_request(server, client):
+    """MLX keeps freed buffers for reuse; between requests the worker hands them back, so an
+    idle server holds its weights and prefix cache only."""
+    import mlx.core as mx
+
+    reply = chat(client, "Hello there", max_tokens=8, temperature=0)
+    assert server.record(reply.id).finished_at is not None  # filed after the release
+    assert mx.get_cache_memory() == 0

@@ -30,6 +30,7 @@ from typing import Callable
 
 import mlx.core as mx
 
+from .. import memory
 from ..errors import MlxLlamaError
 from ..generate import stream_generate
 from ..sampling import SamplingParams
@@ -262,6 +263,9 @@ class GenerationWorker:
             make_layers = functools.partial(self.model.make_cache, kind, **options)
             make_layers()  # options are checked against the model before serving
             self.prefix_cache = PrefixCacheStore(make_layers, self.prompt_cache_bytes)
+            too_big = memory.fit_warning(self.model)
+            if too_big:
+                log.warning(too_big)
         except BaseException as e:  # noqa: BLE001 - handed to start()
             self._load_error = e
             self._ready.set()
@@ -279,6 +283,9 @@ class GenerationWorker:
             try:
                 self._run(job, record)
             finally:
+                # MLX keeps freed buffers for reuse; between requests they are only held
+                # memory (the prefix cache keeps what is worth keeping), so give them back.
+                memory.release_cached_memory()
                 with self._cond:
                     self.current = None
                     record.finished_at = time.perf_counter()
