@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from .cpu_streams import ShardedQuantizedLinear
+
 # Rows (tokens) from which a quantized layer on the CPU dequantizes and multiplies densely.
 DENSE_MIN_ROWS = 8
 DENSE_DTYPE = mx.bfloat16
@@ -204,7 +206,7 @@ def dense_matmul(x: mx.array, packed: mx.array, scales: mx.array, biases: mx.arr
     return x[..., 0::2] @ low.reshape(rows, -1).T + x[..., 1::2] @ high.reshape(rows, -1).T
 
 
-class DenseFriendlyQuantizedLinear(nn.QuantizedLinear):
+class DenseFriendlyQuantizedLinear(ShardedQuantizedLinear):
     """A quantized linear layer that multiplies prompt chunks densely on the CPU.
 
     MLX allocates an operation's output when the operation is queued, not when it runs, so a
@@ -242,7 +244,7 @@ def use_dense_prefill(model: nn.Module) -> int:
     """
     n = 0
     for _, module in model.named_modules():
-        if type(module) is nn.QuantizedLinear:
+        if type(module) in (nn.QuantizedLinear, ShardedQuantizedLinear):
             module.__class__ = DenseFriendlyQuantizedLinear
             n += 1
     return n

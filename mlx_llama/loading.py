@@ -24,6 +24,7 @@ import mlx.nn as nn
 
 from .config import ModelConfig
 from .errors import MlxLlamaError
+from .cpu_streams import use_cpu_streams
 from .fused import lean_graph, use_dense_prefill
 from .model import Llama
 
@@ -175,6 +176,8 @@ def load_model(
         # Prompt chunks of a bfloat16 checkpoint multiply at bfloat16, its own precision (about
         # twice as fast on the CPU); float32/float16 checkpoints keep the exact kernel.
         use_dense_prefill(model)
+    if lean_graph():
+        use_cpu_streams(model)  # quantized matmuls split over the cores (cpu_streams.py)
     model.eval()
     return model, raw
 

@@ -104,13 +104,19 @@ def test_graph_ops_counts_unevaluated_primitives():
     assert ops["Exp"] == 1 and ops["Add"] == 1 and ops["Multiply"] == 1
 
 
-def test_decode_step_ops(quantized_tiny):
+def test_decode_step_ops(quantized_tiny, monkeypatch):
+    monkeypatch.setenv("MLX_LLAMA_CPU_STREAMS", "1")  # one matmul per layer (cpu_streams.py)
     model, _ = load_model(quantized_tiny)
     ops = decode_step_ops(model)
     layers = model.config.num_hidden_layers
     # Seven projections per layer and the output head, each one quantized matmul.
     assert ops["QuantizedMatmul"] == 7 * layers + 1
     assert ops["ArgReduce"] == 1  # the greedy sampler
+    monkeypatch.setenv("MLX_LLAMA_CPU_STREAMS", "2")
+    split, _ = load_model(quantized_tiny)
+    shards = [m for _, m in split.named_modules() if m.__dict__.get("_row_shards")]
+    more = decode_step_ops(split)["QuantizedMatmul"] - ops["QuantizedMatmul"]
+    assert shards and more == len(shards)  # each split layer: one more matmul, on stream 2
 
 
 def test_time_trial_refuses_one_token():
