@@ -91,11 +91,11 @@ def time_trial(start: Callable[[], Iterable], prompt_tokens: int, generation_tok
 def engine_tokens(model, prompt: list[int], cache: list | None = None,
                   prefill_chunk: int | None = None) -> Iterator[int]:
     """Greedy tokens from this project's engine (prefill, then overlapped decode)."""
-    from .generate import PREFILL_CHUNK, decode, prefill
+    from .generate import decode, prefill
     from .sampling import SamplingParams, make_sampler
 
     cache = model.make_cache() if cache is None else cache
-    logits = prefill(model, prompt, cache, prefill_chunk or PREFILL_CHUNK)
+    logits = prefill(model, prompt, cache, prefill_chunk)
     for token, _ in decode(model, logits, cache, make_sampler(SamplingParams())):
         yield token
 

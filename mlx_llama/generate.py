@@ -22,6 +22,12 @@ from .sampling import LogitsProcessor, SamplingParams, make_sampler
 
 PREFILL_CHUNK = 512
 
+
+def default_prefill_chunk(model) -> int:
+    """Tokens per prompt chunk for `model`: what loading chose for its backend (see
+    loading.py: 64 where each token costs the same whatever the chunk), else PREFILL_CHUNK."""
+    return getattr(model, "prefill_chunk", None) or PREFILL_CHUNK
+
 Prompt = "str | list[int] | list[dict[str, Any]]"
 
 
@@ -49,7 +55,7 @@ def prefill(
     model,
     tokens: list[int],
     cache: list,
-    chunk: int = PREFILL_CHUNK,
+    chunk: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> mx.array:
     """Run `tokens` into `cache`; return the (1, vocab) logits of the last token.
@@ -63,6 +69,7 @@ def prefill(
     if not tokens:
         raise MlxLlamaError("nothing to prefill: the prompt has no tokens")
     total = len(tokens)
+    chunk = chunk or default_prefill_chunk(model)
     done = 0
     while done < total - 1:
         end = min(done + chunk, total - 1)
@@ -182,7 +189,7 @@ def stream_generate(
     chat: bool | None = None,
     cache: PromptCache | None = None,
     logprobs: bool = False,
-    prefill_chunk: int = PREFILL_CHUNK,
+    prefill_chunk: int | None = None,
     prefill_progress: Callable[[int, int], None] | None = None,
     **sampling_kwargs,
 ) -> Iterator[GenerationResponse]:

@@ -7,10 +7,11 @@ loaded, exactly as mlx-lm lays them out, so the thousands of mlx-community folde
 The compute dtype is chosen per backend: on the CPU backend MLX's quantized matmul is about
 eight times faster with float32 activations than with bfloat16/float16, so activations and the
 parameters used directly (norms, unquantized weights) are float32 there, while quantization
-scales/biases and the KV cache keep the checkpoint's dtype (the memory mlx-lm uses). Prompt
-chunks of a bfloat16 checkpoint take a dense bfloat16 product there (fused.py). On a GPU
-everything keeps the stored dtype, which halves memory traffic. An explicit `compute_dtype` is used for everything,
-exactly. The files on disk are never changed.
+scales/biases and the KV cache keep the checkpoint's dtype (the memory mlx-lm uses). There the
+quantized matmuls are also split over the CPU cores (cpu_streams.py); on one core, prompt
+chunks of a bfloat16 checkpoint take a dense bfloat16 product instead (fused.py). On a GPU
+everything keeps the stored dtype, which halves memory traffic. An explicit `compute_dtype`
+is used for everything, exactly. The files on disk are never changed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from .cpu_streams import use_cpu_streams
 from .fused import lean_graph, use_dense_prefill
 from .model import Llama
 
+# Prompt tokens per chunk on the CPU backend's quantized kernel (see load_model).
+CPU_PREFILL_CHUNK = 64
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
@@ -172,12 +175,16 @@ def load_model(
         kv_dtype = auto_kv_dtype(model, compute_dtype) if auto else compute_dtype
         cast_floating(model, compute_dtype)
         model.set_dtypes(compute_dtype, kv_dtype)
-    if auto and lean_graph() and stored == mx.bfloat16:
-        # Prompt chunks of a bfloat16 checkpoint multiply at bfloat16, its own precision (about
-        # twice as fast on the CPU); float32/float16 checkpoints keep the exact kernel.
-        use_dense_prefill(model)
     if lean_graph():
-        use_cpu_streams(model)  # quantized matmuls split over the cores (cpu_streams.py)
+        # The CPU backend. With several cores the quantized matmuls are split over them
+        # (cpu_streams.py); each prompt token then costs what a decode token costs whatever
+        # the chunk, so chunks are small (peak memory follows the chunk). On one core, prompt
+        # chunks of a bfloat16 checkpoint multiply densely at bfloat16, its own precision
+        # (about twice the one-core quantized kernel; the split kernel beats it on two).
+        if use_cpu_streams(model) or not (auto and stored == mx.bfloat16):
+            model.prefill_chunk = CPU_PREFILL_CHUNK
+        else:
+            use_dense_prefill(model)
     model.eval()
     return model, raw
 

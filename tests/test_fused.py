@@ -91,13 +91,19 @@ def test_lean_step_has_far_fewer_ops(tiny_checkpoints, monkeypatch):
     assert lean < 0.6 * plain
 
 
-def test_auto_dtypes_on_cpu(tiny_checkpoints, tmp_path):
-    """auto: float32 arithmetic, bfloat16 scales and KV cache kept, dense prefill; an explicit
-    dtype: that dtype throughout and the exact quantized kernel."""
+def test_auto_dtypes_on_cpu(tiny_checkpoints, tmp_path, monkeypatch):
+    """auto: float32 arithmetic, bfloat16 scales and KV cache kept, dense prefill on one core
+    (split quantized matmuls in small chunks on more); an explicit dtype: that dtype
+    throughout and the exact quantized kernel."""
     from convert.api import convert
+    from mlx_llama.cpu_streams import ShardedQuantizedLinear
 
     folder = convert(tiny_checkpoints["gqa"], tmp_path / "q4", quantize=True, dtype="bfloat16",
                      progress=False)
+    monkeypatch.setenv("MLX_LLAMA_CPU_STREAMS", "2")
+    split, _ = load_model(folder)
+    assert type(split.lm_head) is ShardedQuantizedLinear and split.prefill_chunk == 64
+    monkeypatch.setenv("MLX_LLAMA_CPU_STREAMS", "1")
     auto, _ = load_model(folder)
     exact, _ = load_model(folder, compute_dtype=mx.float32)
     q_proj = auto.model.layers[0].self_attn.q_proj
