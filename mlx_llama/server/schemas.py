@@ -149,14 +149,19 @@ class ChatChoice(Lenient):
     logprobs: ChatLogprobs | None = None
 
 
-class ChatCompletion(Lenient):
+class Response(Lenient):
+    """What every generation response carries besides its choices."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
+
+
+class ChatCompletion(Response):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
-    system_fingerprint: str | None = None
 
 
 class ChatDelta(Lenient):
@@ -171,14 +176,10 @@ class ChatChunkChoice(Lenient):
     logprobs: ChatLogprobs | None = None
 
 
-class ChatCompletionChunk(Lenient):
-    id: str
+class ChatCompletionChunk(Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class CompletionLogprobs(Lenient):
@@ -195,16 +196,12 @@ class CompletionChoice(Lenient):
     logprobs: CompletionLogprobs | None = None
 
 
-class Completion(Lenient):
+class Completion(Response):
     """A text completion, and (object unchanged, as OpenAI does) each chunk of a streamed one."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class ModelCard(Lenient):
