@@ -23,13 +23,18 @@ from a second pass over the weights.
 The output is plain MLX affine quantization (codes packed little-endian into uint32, scales,
 biases), so mlx-lm and any MLX runtime load it unchanged.
 
-Speed: the work is done in row chunks of about 2**17 weights. On the CPU backend a chain of
-element-wise ops over a chunk that fits in cache runs an order of magnitude faster than the
-same chain over a whole matrix (which is memory bound and allocation bound), and chunks keep
-peak memory at a few chunks' worth instead of several copies of the matrix.
+Speed: the work is done in row chunks of about 2**17 weights, each one call of a function
+compiled with mx.compile (see _chunk_function): MLX fuses each element-wise chain into one
+JIT-compiled CPU kernel, the chunk is transposed so that the per-group sums reduce over the
+leading axis (vector additions of whole rows on the CPU backend), and a chunk stays in
+cache from one pass to the next. On a 2-core machine this is still about 6x the time of
+mx.quantize (docs/quantization.md, "Speed"): every candidate needs its own pass over the
+weights and three reductions, where mx.quantize makes one pass.
 """
 
 from __future__ import annotations
+
+import functools
 
 import mlx.core as mx
 
@@ -39,6 +44,7 @@ CANDIDATES = ((1.0, 0.5), (1.0, 0.0), (1.0, 1.0))
 THOROUGH = tuple((d, a) for d in (0.5, 1.0, 2.0) for a in (0.0, 0.5, 1.0))
 REFINE_STEPS = 1
 TINY = 1e-10
+_ROUNDER = 1.5 * 2**23  # (x + this) - this rounds x to an integer for |x| < 2**22
 
 
 def quantize_search(
@@ -58,12 +64,21 @@ def quantize_search(
     Scales and biases come out in `w`'s dtype. The result is lazy, like `mx.quantize`'s.
     """
     rows, cols = w.shape
+    groups = cols // group_size
     step = max(1, CHUNK_ELEMENTS // cols)
+    chunk = _chunk_function(bits, candidates, refine, importance is not None)
     parts = []
     for start in range(0, rows, step):
         stop = min(start + step, rows)
+        x = w[start:stop].reshape(stop - start, groups, group_size)
         h = _row_weights(importance, start, stop)
-        parts.append(_quantize_rows(w[start:stop], bits, group_size, h, candidates, refine))
+        if h is None:
+            codes, scale, bias = chunk(x)
+        else:
+            codes, scale, bias = chunk(x, h.astype(mx.float32).reshape(-1, groups, group_size))
+        if 32 % bits:  # codes that straddle words are packed outside the compiled function
+            codes = pack_codes(codes.reshape(stop - start, cols), bits)
+        parts.append((codes, scale.reshape(-1, groups), bias.reshape(-1, groups)))
     if len(parts) == 1:
         return parts[0]
     return tuple(mx.concatenate([p[i] for p in parts], axis=0) for i in range(3))
@@ -77,57 +92,107 @@ def _row_weights(importance, start: int, stop: int) -> mx.array | None:
     return importance if importance.ndim == 1 else importance[start:stop]
 
 
-def _quantize_rows(w, bits, group_size, h, candidates, refine):
-    rows, cols = w.shape
-    groups = cols // group_size
-    x = w.astype(mx.float32).reshape(rows, groups, group_size)
-    if h is not None:
-        h = h.astype(mx.float32)
-        h = h.reshape(-1, groups, group_size)
-    scale, bias = fit_groups(x, h, bits, candidates, refine)
-    scale = scale.astype(w.dtype)
-    bias = bias.astype(w.dtype)
-    codes = _codes(x, scale.astype(mx.float32), bias.astype(mx.float32), 2**bits - 1)
-    packed = pack_codes(codes.reshape(rows, cols), bits)
-    return packed, scale.reshape(rows, groups), bias.reshape(rows, groups)
+@functools.lru_cache(maxsize=None)
+def _chunk_function(bits: int, candidates, refine: int, weighted: bool):
+    """One chunk's whole search and packing, traced once and compiled by MLX (per shape
+    and dtype): x is (rows, groups, group_size), h None or broadcastable to it.
+
+    Compiling fuses each element-wise chain (a candidate's codes, the products its sums
+    need) into one kernel, which MLX's CPU backend JIT-compiles (it is cached on disk). The
+    search runs on the chunk transposed to (group_size, rows, groups): each group's sums
+    are then reductions over the leading axis, which MLX's CPU backend does as vector
+    additions of whole rows, several times faster than over the last axis (one element
+    after the other). The codes are packed in that layout too, then transposed back.
+    """
+    n = 2**bits - 1
+
+    def chunk(x, h=None):
+        xt = mx.contiguous(x.transpose(2, 0, 1))
+        ht = None if h is None else mx.contiguous(h.transpose(2, 0, 1))
+        scale, bias = _fit(xt, ht, n, candidates, refine, 0)
+        scale = scale.astype(x.dtype)
+        bias = bias.astype(x.dtype)
+        rows, groups, size = x.shape
+        codes = _codes(xt.astype(mx.float32), scale.astype(mx.float32),
+                       bias.astype(mx.float32), n, 0)
+        if 32 % bits == 0:
+            per = 32 // bits
+            shifts = (mx.arange(per, dtype=mx.uint32) * bits).reshape(1, per, 1, 1)
+            words = codes.astype(mx.uint32).reshape(size // per, per, rows, groups) << shifts
+            codes = words.sum(1).astype(mx.uint32).transpose(1, 2, 0).reshape(rows, -1)
+        else:
+            codes = codes.transpose(1, 2, 0)
+        return codes, scale, bias
+
+    if weighted:
+        return mx.compile(lambda x, h: chunk(x, h))
+    return mx.compile(lambda x: chunk(x))
 
 
-def _codes(x: mx.array, scale: mx.array, bias: mx.array, n: int) -> mx.array:
+def _codes(x: mx.array, scale: mx.array, bias: mx.array, n: int, axis: int) -> mx.array:
+    """round((x - bias) / scale) clipped to [0, n], as float32; `scale` and `bias` are per
+    group (x without its group axis `axis`).
+
+    1/scale and bias/scale are computed per group and only then broadcast (expand_dims
+    keeps MLX from fusing them into, and repeating them for, every element). Rounding by
+    adding and subtracting 1.5 * 2**23 (ties to even, like mx.round) and clipping with
+    selects keep the compiled CPU kernel vectorized, where mx.round calls rint and
+    maximum/minimum test for NaN per element (several times slower). Values beyond 2**22 do
+    not round exactly, but they are clipped to an end all the same.
+    """
     inv = 1 / scale
-    return mx.clip(mx.round(x * inv - bias * inv), 0, n)
+    t = x * mx.expand_dims(inv, axis) + mx.expand_dims(-bias * inv, axis)
+    t = (t + _ROUNDER) - _ROUNDER
+    return mx.where(t < 0, 0.0, mx.where(t > n, float(n), t))
 
 
 def fit_groups(
     x: mx.array, h: mx.array | None, bits: int, candidates=CANDIDATES, refine: int = REFINE_STEPS
 ) -> tuple[mx.array, mx.array]:
     """Best (scale, bias), each (..., 1), for the groups on the last axis of `x` (float32)."""
-    n = 2**bits - 1
-    lo = x.min(-1, keepdims=True)
-    hi = x.max(-1, keepdims=True)
+    s, b = _fit(x, h, 2**bits - 1, candidates, refine, -1)
+    return s[..., None], b[..., None]
+
+
+def _fit(x, h, n, candidates, refine, axis):
+    """fit_groups for the groups along `axis` of `x` (any float dtype, the search is done in
+    float32; `h` None or broadcastable to `x`); (scale, bias) come without that axis."""
+
+    def total(a):
+        return a.sum(axis)
+
+    lo = x.min(axis).astype(mx.float32)
+    hi = x.max(axis).astype(mx.float32)
     # Centre each group on its mid-range: the problem is shift invariant (the bias absorbs
     # it) and the error sums below lose less precision to cancellation.
     mid = (lo + hi) / 2
-    xc = x - mid
+    xc = x.astype(mx.float32) - mx.expand_dims(mid, axis)
     half = mx.maximum(hi - lo, TINY) / 2
     hx = xc if h is None else h * xc
     stats = (
-        mx.array(x.shape[-1], mx.float32) if h is None else h.sum(-1, keepdims=True),
-        hx.sum(-1, keepdims=True),
-        (hx * xc).sum(-1, keepdims=True),
+        mx.array(x.shape[axis], mx.float32) if h is None else total(h),
+        total(hx),
+        total(hx * xc),
     )
+
+    def sums(s, b):
+        q = _codes(xc, s, b, n, axis)
+        hq = q if h is None else h * q
+        return total(hq), total(hq * q), total(hx * q)
+
     # The first candidate is mx.quantize's own grid, so the search never does worse than it.
     best_s, best_b = _minmax_grid(lo, hi, n)
     best_b = best_b - mid
-    best_e = _error(best_s, best_b, *stats, *_code_sums(h, hx, _codes(xc, best_s, best_b, n)))
+    best_e = _error(best_s, best_b, *stats, *sums(best_s, best_b))
     for delta, anchor in candidates:
         # A grid of n + delta steps over the range: delta > 0 is finer and leaves part of the
         # range uncovered, at the top (anchor 0), the bottom (anchor 1) or both (0.5).
         step = 2 * half / (n + delta)
         b0 = -half + step * delta * anchor
-        s, b, e = _refit(_codes(xc, step, b0, n), h, hx, stats, step, b0)
+        s, b, e = _refit(sums(step, b0), stats, step, b0)
         best_s, best_b, best_e = _keep_better(s, b, e, best_s, best_b, best_e)
     for _ in range(refine):
-        s, b, e = _refit(_codes(xc, best_s, best_b, n), h, hx, stats, best_s, best_b)
+        s, b, e = _refit(sums(best_s, best_b), stats, best_s, best_b)
         best_s, best_b, best_e = _keep_better(s, b, e, best_s, best_b, best_e)
     return best_s, best_b + mid
 
@@ -154,17 +219,11 @@ def _keep_better(s, b, e, best_s, best_b, best_e):
     return mx.where(better, s, best_s), mx.where(better, b, best_b), mx.where(better, e, best_e)
 
 
-def _code_sums(h, hx, q):
-    hq = q if h is None else h * q
-    return (hq.sum(-1, keepdims=True), (hq * q).sum(-1, keepdims=True),
-            (hx * q).sum(-1, keepdims=True))
-
-
-def _refit(q, h, hx, stats, s0, b0):
-    """Weighted least-squares (s, b) for fixed codes `q`, and its error; falls back to
-    (s0, b0) where the codes do not determine a line (all equal)."""
+def _refit(code_sums, stats, s0, b0):
+    """Weighted least-squares (s, b) for fixed codes, given their sums, and its error; falls
+    back to (s0, b0) where the codes do not determine a line (all equal)."""
     sw, sx, _ = stats
-    sq, sqq, sqx = _code_sums(h, hx, q)
+    sq, sqq, sqx = code_sums
     det = sw * sqq - sq * sq
     ok = det > 1e-6 * sw * sqq + TINY
     safe = mx.where(ok, det, 1.0)
