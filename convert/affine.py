@@ -67,15 +67,17 @@ def quantize_search(
     groups = cols // group_size
     step = max(1, CHUNK_ELEMENTS // cols)
     chunk = _chunk_function(bits, candidates, refine, importance is not None)
+    top = mx.array(2**bits - 1, mx.float32)  # an input, not a constant: see _chunk_function
     parts = []
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         x = w[start:stop].reshape(stop - start, groups, group_size)
         h = _row_weights(importance, start, stop)
         if h is None:
-            codes, scale, bias = chunk(x)
+            codes, scale, bias = chunk(x, top)
         else:
-            codes, scale, bias = chunk(x, h.astype(mx.float32).reshape(-1, groups, group_size))
+            h = h.astype(mx.float32).reshape(-1, groups, group_size)
+            codes, scale, bias = chunk(x, h, top)
         if 32 % bits:  # codes that straddle words are packed outside the compiled function
             codes = pack_codes(codes.reshape(stop - start, cols), bits)
         parts.append((codes, scale.reshape(-1, groups), bias.reshape(-1, groups)))
@@ -103,10 +105,13 @@ def _chunk_function(bits: int, candidates, refine: int, weighted: bool):
     are then reductions over the leading axis, which MLX's CPU backend does as vector
     additions of whole rows, several times faster than over the last axis (one element
     after the other). The codes are packed in that layout too, then transposed back.
-    """
-    n = 2**bits - 1
 
-    def chunk(x, h=None):
+    The top code n = 2**bits - 1 is an input rather than a constant: MLX names (and caches)
+    a compiled kernel by its constants, and each new kernel costs about half a second of
+    g++ the first time a machine sees it; this way the bit widths share most of them.
+    """
+
+    def chunk(x, h, n):
         xt = mx.contiguous(x.transpose(2, 0, 1))
         ht = None if h is None else mx.contiguous(h.transpose(2, 0, 1))
         scale, bias = _fit(xt, ht, n, candidates, refine, 0)
@@ -125,11 +130,11 @@ def _chunk_function(bits: int, candidates, refine: int, weighted: bool):
         return codes, scale, bias
 
     if weighted:
-        return mx.compile(lambda x, h: chunk(x, h))
-    return mx.compile(lambda x: chunk(x))
+        return mx.compile(lambda x, h, n: chunk(x, h, n))
+    return mx.compile(lambda x, n: chunk(x, None, n))
 
 
-def _codes(x: mx.array, scale: mx.array, bias: mx.array, n: int, axis: int) -> mx.array:
+def _codes(x: mx.array, scale: mx.array, bias: mx.array, n, axis: int) -> mx.array:
     """round((x - bias) / scale) clipped to [0, n], as float32; `scale` and `bias` are per
     group (x without its group axis `axis`).
 
@@ -143,7 +148,7 @@ def _codes(x: mx.array, scale: mx.array, bias: mx.array, n: int, axis: int) -> m
     inv = 1 / scale
     t = x * mx.expand_dims(inv, axis) + mx.expand_dims(-bias * inv, axis)
     t = (t + _ROUNDER) - _ROUNDER
-    return mx.where(t < 0, 0.0, mx.where(t > n, float(n), t))
+    return mx.where(t < 0, 0.0, mx.where(t > n, n, t))
 
 
 def fit_groups(
@@ -197,7 +202,7 @@ def _fit(x, h, n, candidates, refine, axis):
     return best_s, best_b + mid
 
 
-def _minmax_grid(lo: mx.array, hi: mx.array, n: int) -> tuple[mx.array, mx.array]:
+def _minmax_grid(lo: mx.array, hi: mx.array, n) -> tuple[mx.array, mx.array]:
     """mx.quantize's (scale, bias): min/max, nudged so that 0.0 is exactly a code.
 
     The extreme of larger magnitude becomes the bias and the scale is adjusted so that zero
