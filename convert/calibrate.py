@@ -35,6 +35,8 @@ from mlx_llama.errors import MlxLlamaError
 
 BUILTIN = Path(__file__).parent / "data" / "calibration.txt"
 LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Linears that read the same input as another one: their input covariance is that one's.
+SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 DEFAULT_WINDOW = 256
 DEFAULT_MAX_TOKENS = 512
 
@@ -48,10 +50,19 @@ class Calibration:
     lookup: mx.array | None = None  # (hidden,) mean squared gradient at the embedding output
     tokens: int = 0
     nll: float = 0.0  # mean NLL of the full-precision model on the text (nats per token)
+    # With covariance=True: E[x x^T] of each distinct linear input (in, in), keyed by the
+    # module that owns it (see SHARED_INPUT; `covariance(module)` resolves the sharing).
+    covariances: dict[str, mx.array] = field(default_factory=dict)
 
     def importance(self, module: str) -> mx.array | None:
         """Per-input-channel error weights for `module`'s scale search, or None."""
         return self.inputs.get(module)
+
+    def covariance(self, module: str) -> mx.array | None:
+        """E[x x^T] of `module`'s input, or None when it was not recorded."""
+        parent, _, leaf = module.rpartition(".")
+        owner = f"{parent}.{SHARED_INPUT[leaf]}" if leaf in SHARED_INPUT else module
+        return self.covariances.get(owner)
 
 
 def read_calibration_text(spec: str | Path) -> str:
@@ -87,6 +98,9 @@ class _Probe(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         xs = mx.stop_gradient(x).astype(mx.float32)
         self._ctx["sq_inputs"][self._name] = (xs * xs).sum(axis=(0, 1))
+        if self._ctx.get("covariance") and self._name.rsplit(".", 1)[-1] not in SHARED_INPUT:
+            flat = xs.reshape(-1, xs.shape[-1])
+            self._ctx["cov_inputs"][self._name] = flat.T @ flat
         return self.inner(x) + self._ctx["probes"][self._name]
 
 
@@ -106,17 +120,22 @@ def _wrap(model: nn.Module, ctx: dict) -> list[tuple[nn.Module, str, nn.Module]]
 
 
 def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
-              max_tokens: int = DEFAULT_MAX_TOKENS) -> Calibration:
-    """Run `model` (an mlx_llama Llama, float) over `tokens` and collect the statistics."""
+              max_tokens: int = DEFAULT_MAX_TOKENS, covariance: bool = False) -> Calibration:
+    """Run `model` (an mlx_llama Llama, float) over `tokens` and collect the statistics.
+
+    covariance: also record E[x x^T] of every distinct linear input of the decoder layers and
+    of the output head (what GPTQ needs: one (in, in) float32 matrix per distinct input).
+    """
     tokens = list(tokens)[:max_tokens]
     if len(tokens) < 16:
         raise MlxLlamaError("the calibration text has fewer than 16 tokens: give a longer text")
     window = min(window, model.config.max_position_embeddings)
     cfg = model.config
     head = "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head"
-    ctx: dict = {"probes": {}, "sq_inputs": {}}
+    ctx: dict = {"probes": {}, "sq_inputs": {}, "covariance": covariance, "cov_inputs": {}}
     undo = _wrap(model, ctx)
     sums_in: dict[str, mx.array] = {}
+    sums_cov: dict[str, mx.array] = {}
     sums_out: dict[str, mx.array] = {}
     lookup = mx.zeros((cfg.hidden_size,), mx.float32)
     total_nll = 0.0
@@ -130,6 +149,7 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
                 break
             probes = _zero_probes(model, cfg, length, head)
             ctx["sq_inputs"] = {}
+            ctx["cov_inputs"] = {}
 
             def loss_fn(probes):
                 ctx["probes"] = probes
@@ -139,6 +159,9 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
                 h = model.model.norm(h)
                 hs = mx.stop_gradient(h).astype(mx.float32)
                 ctx["sq_inputs"][head] = (hs * hs).sum(axis=(0, 1))
+                if covariance:
+                    flat = hs.reshape(-1, hs.shape[-1])
+                    ctx["cov_inputs"][head] = flat.T @ flat
                 logits = model.project(h).astype(mx.float32) + probes[head]
                 return nn.losses.cross_entropy(logits, tgt, reduction="sum")
 
@@ -151,7 +174,9 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
                     sums_out[name] = sums_out.get(name, 0) + sq
             for name, sq in ctx["sq_inputs"].items():
                 sums_in[name] = sums_in.get(name, 0) + sq
-            mx.eval(loss, lookup, sums_in, sums_out)
+            for name, cov in ctx["cov_inputs"].items():
+                sums_cov[name] = sums_cov.get(name, 0) + cov
+            mx.eval(loss, lookup, sums_in, sums_out, sums_cov)
             total_nll += loss.item()
             counted += length
     finally:
@@ -164,6 +189,7 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
         lookup=lookup / counted,
         tokens=counted,
         nll=total_nll / counted,
+        covariances={k: v / counted for k, v in sums_cov.items()},
     )
 
 

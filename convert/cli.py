@@ -53,10 +53,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help="bits for the embedding and output head when quantizing (default 8)")
     parser.add_argument("--no-quantize-embeddings", action="store_true",
                         help="keep the embedding and output head unquantized")
-    parser.add_argument("--method", choices=("auto", "search", "minmax"), default="auto",
+    parser.add_argument("--method", choices=("auto", "search", "minmax", "gptq"),
+                        default="auto",
                         help="how each group's scale and bias are chosen: 'search' minimizes the "
-                        "error, 'minmax' is plain min/max as mlx-lm does, 'auto' (default) "
-                        "searches where --calibrate/--bpw measured activations")
+                        "error, 'minmax' is plain min/max as mlx-lm does, 'gptq' adds GPTQ "
+                        "error compensation from calibration (implies --calibrate builtin), "
+                        "'auto' (default) searches where --calibrate/--bpw measured activations")
     parser.add_argument("--bpw", type=float, default=None,
                         help="bits-per-weight budget for the whole model (e.g. 4.5): each tensor "
                         "gets the format its measured sensitivity earns (implies -q)")

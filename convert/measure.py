@@ -29,6 +29,7 @@ from mlx_llama.errors import MlxLlamaError
 from .calibrate import DEFAULT_MAX_TOKENS, Calibration, calibrate, read_calibration_text
 from .quantize import (HIGH_PRECISION_MODULES, QUANTIZABLE_LEAVES, QuantRecipe, QuantSpec,
                        most_common)
+from .gptq import inverse_factor
 from .sensitivity import FORMATS, Importance, allocate, format_cost, lookup_frequencies
 
 # Added to every channel's weight, relative to the mean: a channel the calibration text never
@@ -68,7 +69,8 @@ def prepare_recipe(
     progress: bool = False,
 ) -> Calibration | None:
     """Fill `recipe.importance` (and, with a budget, `recipe.overrides`) from measurements."""
-    if recipe.calibration is None and recipe.bpw is None:
+    gptq = recipe.method == "gptq"
+    if recipe.calibration is None and recipe.bpw is None and not gptq:
         return None
     text = read_calibration_text(recipe.calibration or "builtin")
     tokens = source_tokenizer(files).encode(text)
@@ -76,10 +78,13 @@ def prepare_recipe(
     if progress:
         print(f"Calibrating on {min(len(tokens), DEFAULT_MAX_TOKENS)} tokens of "
               f"{recipe.calibration or 'builtin'} text...", flush=True)
-    cal = calibrate(model, tokens)
+    cal = calibrate(model, tokens, covariance=gptq)
     seen = mx.array(tokens[:DEFAULT_MAX_TOKENS])
     counts = mx.zeros((cfg.vocab_size,), mx.float32).at[seen].add(1.0)
     recipe.importance = channel_importance(cal, cfg, counts)
+    if gptq:
+        recipe.covariances = {m: cal.covariance(m) for m in cal.inputs
+                              if cal.covariance(m) is not None}
     if recipe.bpw is not None:
         params = dict(_flat(model))
         del model
@@ -151,7 +156,15 @@ def choose_formats(recipe: QuantRecipe, params: dict[str, mx.array], cal: Calibr
         wq = w.astype(stored)
         factors = cost_factors(module, cal, counts, tied)
         importance = recipe.importance.get(module)
-        costs[module] = {f: format_cost(wq, f[0], f[1], factors, importance) for f in formats}
+        cov = recipe.covariances.get(module)
+        factor = None
+        if cov is not None:
+            import numpy as np
+
+            factor = recipe.factors.setdefault(
+                id(cov), inverse_factor(np.array(cov)).astype(np.float32))
+        costs[module] = {f: format_cost(wq, f[0], f[1], factors, importance, cov=cov,
+                                        factor=factor) for f in formats}
         sizes[module] = w.size
     budget = recipe.bpw * total_params - other_bits
     choice = allocate(costs, sizes, budget, scale_bits)

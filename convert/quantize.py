@@ -33,7 +33,7 @@ from .affine import quantize_search
 
 VALID_BITS = (2, 3, 4, 5, 6, 8)
 VALID_GROUP_SIZES = (32, 64, 128)
-METHODS = ("auto", "search", "minmax")
+METHODS = ("auto", "search", "minmax", "gptq")
 # Modules whose weights may be quantized: the Linear projections, the embedding, the head.
 QUANTIZABLE_LEAVES = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -56,8 +56,10 @@ class QuantRecipe:
     """What the user asked for, and what `prepare_recipe` measured for it.
 
     embedding_bits=None keeps embedding and head unquantized. method: "search"
-    (error-minimizing scales), "minmax" (mx.quantize, as mlx-lm does) or "auto" (the
-    default): search where calibration measured the module's activations, min/max elsewhere.
+    (error-minimizing scales), "minmax" (mx.quantize, as mlx-lm does), "gptq" (the search's
+    scales plus GPTQ error compensation from measured input covariances, gptq.py; implies
+    calibration) or "auto" (the default): search where calibration measured the module's
+    activations, min/max elsewhere.
     Unweighted, the search lowers the squared weight error but not the perplexity (on
     SmolLM2 it raised it: docs/quantization.md), so it is not the default without data.
     bpw: a bits-per-weight budget for the whole model; formats are then chosen per tensor.
@@ -73,6 +75,8 @@ class QuantRecipe:
     # Filled in by prepare_recipe: per-module formats and error weights.
     overrides: dict[str, QuantSpec] = field(default_factory=dict)
     importance: dict[str, object] = field(default_factory=dict)
+    covariances: dict[str, object] = field(default_factory=dict)  # module -> E[x x^T] (gptq)
+    factors: dict[int, object] = field(default_factory=dict)  # id(covariance) -> its U (gptq)
 
     def __post_init__(self) -> None:
         for label, value in (("--bits", self.bits), ("--embeddings-bits", self.embedding_bits)):
@@ -88,7 +92,7 @@ class QuantRecipe:
             )
         if self.method not in METHODS:
             raise MlxLlamaError(
-                f"--method {self.method} is not supported: choose auto, search or minmax")
+                f"--method {self.method} is not supported: choose auto, search, minmax or gptq")
         if self.method == "minmax" and (self.bpw is not None or self.calibration is not None):
             raise MlxLlamaError(
                 "--calibrate and --bpw measure activations for the scale search: use "
@@ -106,7 +110,24 @@ class QuantRecipe:
         importance = self.importance.get(module)
         if self.method == "minmax" or (self.method == "auto" and importance is None):
             return mx.quantize(w, group_size=spec.group_size, bits=spec.bits)
+        cov = self.covariances.get(module)
+        if self.method == "gptq" and cov is not None:
+            return self.gptq(w, spec.bits, spec.group_size, cov, importance)
         return quantize_search(w, spec.bits, spec.group_size, importance)
+
+    def gptq(self, w: mx.array, bits: int, group_size: int, cov, importance):
+        """GPTQ with the covariance's inverse factor computed once per distinct input."""
+        from .gptq import gptq_quantize, inverse_factor
+
+        if id(cov) not in self.factors:
+            import numpy as np
+
+            self.factors[id(cov)] = inverse_factor(np.array(cov)).astype(np.float32)
+        # The group search's weights: the linear layers' per-channel ones; for the tied
+        # embedding (rank-2 weights) the covariance's diagonal, gptq_quantize's default.
+        cols = None if getattr(importance, "rows", None) is not None else importance
+        cols = getattr(cols, "cols", cols)
+        return gptq_quantize(w, bits, group_size, cov, cols, factor=self.factors[id(cov)])
 
 
 def quantize_weight(w: mx.array, bits: int, group_size: int,

@@ -73,8 +73,15 @@ def lookup_frequencies(counts: mx.array) -> mx.array:
 
 
 def format_cost(w: mx.array, bits: int, group_size: int, factors, importance: Importance | None,
-                sample_rows: int = SAMPLE_ROWS) -> float:
-    """Estimated loss increase from quantizing `w` with (bits, group_size)."""
+                sample_rows: int = SAMPLE_ROWS, cov=None, factor=None) -> float:
+    """Estimated loss increase from quantizing `w` with (bits, group_size).
+
+    cov (the input covariance E[x x^T] of the role given by `factors`' first column): rows are
+    quantized with GPTQ (factor: its inverse factor, gptq.inverse_factor) and the error is
+    weighted by the full covariance, sum_i F_i (dW H dW^T)_ii, which is what GPTQ lowers
+    (the diagonal weighting above is this with H's off-diagonal dropped; H is shrunk as
+    GPTQ shrinks it, gptq.shrunk).
+    """
     rows = w.shape[0]
     stride = max(1, rows // sample_rows)
     idx = mx.arange(0, rows, stride)
@@ -82,6 +89,27 @@ def format_cost(w: mx.array, bits: int, group_size: int, factors, importance: Im
     imp = None
     if importance is not None:
         imp = importance.cols if importance.rows is None else importance.rows[idx] @ importance.cols
+    if cov is not None:
+        import numpy as np
+
+        from .gptq import gptq_quantize, shrunk
+
+        # A per-channel weight for the group search; the rank-2 (embedding) one is not.
+        channel = importance.cols if importance is not None and importance.rows is None else None
+        q = gptq_quantize(ws, bits, group_size, cov, channel, factor=factor)
+        d = np.array(ws.astype(mx.float32)) - np.array(
+            mx.dequantize(*q, group_size=group_size, bits=bits).astype(mx.float32))
+        # Judged on the shrunk covariance GPTQ trusts: the raw one, measured on the same
+        # text GPTQ fitted, would flatter it.
+        # The first factor is the role that reads the covariance's input (a linear layer, or
+        # the tied embedding's head role); any other (the lookup role) stays diagonal.
+        per_row = np.sum((d @ shrunk(cov)) * d, axis=1)
+        if factors is None:
+            return float(np.sum(per_row)) * rows / idx.shape[0]
+        r, c = (np.array(a) for a in factors)
+        r = r[np.array(idx)]
+        cost = np.sum(r[:, 0] * per_row) + np.sum((r[:, 1:] @ c[1:]) * d * d)
+        return float(cost) * rows / idx.shape[0]
     q = quantize_search(ws, bits, group_size, imp)
     d = mx.dequantize(*q, group_size=group_size, bits=bits).astype(mx.float32)
     err = (ws.astype(mx.float32) - d) ** 2

@@ -19,6 +19,7 @@ import pytest
 
 from convert.affine import pack_codes, quantize_search, reconstruction_error
 from convert.api import convert
+from convert.gptq import gptq_quantize, output_error
 from convert.sensitivity import allocate
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.loading import load
@@ -121,6 +122,46 @@ def test_search_output_is_standard_mlx_affine():
     assert mx.allclose(fused, dense, atol=1e-3).item()
 
 
+def _correlated_layer(seed: int, rows: int = 48, cols: int = 256):
+    """A random layer and the covariance of correlated, unevenly scaled inputs."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(cols, cols)) / np.sqrt(cols) + np.eye(cols)
+    x = rng.normal(size=(4 * cols, cols)) @ mix * rng.gamma(1.0, size=cols)
+    cov = (x.T @ x / len(x)).astype(np.float32)
+    w = mx.array(rng.normal(size=(rows, cols)).astype(np.float32)).astype(mx.bfloat16)
+    return w, cov
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 128), (3, 64)])
+def test_gptq_lowers_the_output_error_of_plain_rounding(bits, group_size):
+    w, cov = _correlated_layer(bits * group_size)
+    h = mx.array(np.diag(cov).copy())
+    plain = quantize_search(w, bits, group_size, h)  # same group search, nearest rounding
+    err_plain = output_error(w, mx.dequantize(*plain, group_size=group_size, bits=bits), cov)
+    # Trusting this well-estimated covariance fully (shrink 0), and as the converter does.
+    for shrink, most in ((0.0, 0.8), (None, 0.9)):
+        kw = {} if shrink is None else {"shrink": shrink}
+        ours = gptq_quantize(w, bits, group_size, cov, h, **kw)
+        assert [(a.shape, a.dtype) for a in ours] == [(a.shape, a.dtype) for a in plain]
+        err_ours = output_error(w, mx.dequantize(*ours, group_size=group_size, bits=bits), cov)
+        assert err_ours < most * err_plain, (shrink, err_ours, err_plain)
+    # With uncorrelated inputs there is nothing to compensate: plain rounding again.
+    diag = np.diag(np.diag(cov))
+    again = gptq_quantize(w, bits, group_size, diag, h)
+    assert output_error(w, mx.dequantize(*again, group_size=group_size, bits=bits), diag) \
+        <= 1.001 * output_error(w, mx.dequantize(*plain, group_size=group_size, bits=bits), diag)
+
+
+def test_gptq_rows_are_independent():
+    """Measuring a sample of rows (sensitivity.py) gives exactly those rows of the result."""
+    w, cov = _correlated_layer(7)
+    full = gptq_quantize(w, 4, 64, cov)
+    idx = mx.array([0, 5, 17, 40])
+    part = gptq_quantize(w[idx], 4, 64, cov)
+    for a, b in zip(full, part):
+        assert mx.array_equal(a[idx], b).item()
+
+
 # ---------------------------------------------------------------------------------------------
 # The budget
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +213,44 @@ def test_bpw_budget_halves_the_perplexity_cost_of_minmax(trained, conversions):
     assert bits_per_weight(plain, folder) >= 4.5  # the baseline is not given fewer bits
     assert plain_cost > 0.01, "the test model is not sensitive enough to judge anything"
     assert ours_cost <= 0.5 * plain_cost, (ours_cost, plain_cost)
+
+
+def test_gptq_under_the_budget_halves_the_perplexity_cost_of_minmax(trained, conversions,
+                                                                    tmp_path):
+    folder, text_path = trained
+    plain, _ = conversions
+    ours = convert(folder, tmp_path / "gptq", dtype="bfloat16", bpw=4.5, method="gptq",
+                   progress=False)
+    text = text_path.read_text()
+    full = folder_ppl(folder, text)
+    plain_cost = folder_ppl(plain, text) / full - 1
+    ours_cost = folder_ppl(ours, text) / full - 1
+    assert bits_per_weight(ours, folder) <= 4.5 + 1e-6
+    assert plain_cost > 0.01
+    assert ours_cost <= 0.5 * plain_cost, (ours_cost, plain_cost)
+
+
+def test_calibration_covariances_match_the_mean_squares(trained):
+    from convert.api import open_source
+    from convert.calibrate import calibrate
+    from convert.mapping import map_weights
+    from convert.measure import source_model
+    from mlx_llama.config import ModelConfig
+
+    folder, text_path = trained
+    source = open_source(folder, None, False)
+    cfg = ModelConfig.from_dict(source.config)
+    model = source_model(map_weights(source.weights, cfg), cfg)
+    _, tokenizer = load(folder)
+    cal = calibrate(model, tokenizer.encode(text_path.read_text()), window=64, max_tokens=128,
+                    covariance=True)
+    assert set(cal.inputs) >= {"lm_head", "model.layers.0.mlp.down_proj"}
+    for module, h in cal.inputs.items():  # every linear input and the head's
+        cov = cal.covariance(module)
+        assert cov.shape == (h.shape[0], h.shape[0])
+        assert mx.allclose(mx.diag(cov), h, rtol=1e-4, atol=1e-6).item(), module
+    layer = "model.layers.1.self_attn"
+    assert cal.covariance(f"{layer}.k_proj") is cal.covariance(f"{layer}.q_proj")
 
 
 def test_mixed_precision_folder_loads_in_mlx_lm_with_our_logits(trained, conversions):
