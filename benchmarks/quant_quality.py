@@ -5,7 +5,7 @@
 Rows: the float source; mlx-lm's `convert(quantize=True)` at group 64 and 32 (its default
 recipe: min/max 4-bit everywhere); our converter with min/max (the same recipe plus 8-bit
 embeddings); ours with calibration only (4-bit everywhere, activation-weighted scale search);
-ours under `--bpw` budgets (formats by measured sensitivity). Perplexity is
+ours under `--bpw` budgets (formats by measured sensitivity), with and without GPTQ. Perplexity is
 mlx_llama.perplexity over the whole text (windows of 512 tokens), bits per weight counts
 everything stored (codes, scales, biases, norms) per parameter of the source.
 """
@@ -42,6 +42,8 @@ def main() -> None:
     p.add_argument("--text", type=Path, required=True)
     p.add_argument("--work", type=Path, default=Path("/tmp/quant_quality"))
     p.add_argument("--only", default=None, help="comma-separated row names")
+    p.add_argument("--source-ppl", type=float, default=None,
+                   help="the source's perplexity, when already measured (skips that run)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     from convert.api import convert
@@ -59,9 +61,13 @@ def main() -> None:
             args.src, o, quantize=True, calibrate="builtin", embedding_bits=4, force=True),
         "ours --bpw 4.5": lambda o: convert(args.src, o, bpw=4.5, force=True),
         "ours --bpw 5.0": lambda o: convert(args.src, o, bpw=5.0, force=True),
+        "ours --bpw 4.5 --method gptq": lambda o: convert(args.src, o, bpw=4.5, method="gptq",
+                                                          force=True),
+        "ours --bpw 5.0 --method gptq": lambda o: convert(args.src, o, bpw=5.0, method="gptq",
+                                                          force=True),
     }
     wanted = args.only.split(",") if args.only else list(rows)
-    full = ppl(args.src, text)
+    full = args.source_ppl or ppl(args.src, text)
     results = [{"name": "source (float)", "ppl": full, "bpw": 16.0, "seconds": 0.0}]
     print(f"{'source (float)':45s} ppl {full:.3f}", flush=True)
     for i, (name, make) in enumerate(rows.items()):
