@@ -53,13 +53,15 @@ def streams(n: int) -> list[mx.Stream | None]:
 
 
 def row_slices(arrays: list[mx.array | None], n: int) -> list[list[mx.array | None]]:
-    """Split each array (same first dimension) into `n` contiguous row ranges, as views."""
+    """Split each array (same first dimension) into `n` contiguous row ranges.
+
+    Left lazy: the first forward pass evaluates them, as views of the weights it loads then
+    (evaluating them here would read every weight from disk at load time, all at once).
+    """
     rows = arrays[0].shape[0]
     bounds = [rows * i // n for i in range(n + 1)]
-    parts = [[None if a is None else a[lo:hi] for a in arrays]
-             for lo, hi in zip(bounds, bounds[1:])]
-    mx.eval([a for part in parts for a in part if a is not None])
-    return parts
+    return [[None if a is None else a[lo:hi] for a in arrays]
+            for lo, hi in zip(bounds, bounds[1:])]
 
 
 def split_matmul(x: mx.array, shards, group_size: int, bits: int, mode: str) -> mx.array:
