@@ -41,7 +41,6 @@ import mlx.core as mx
 CHUNK_ELEMENTS = 1 << 17
 # Candidate grids (delta, anchor), see fit_groups: each costs one pass of rounding and sums.
 CANDIDATES = ((1.0, 0.5), (1.0, 0.0), (1.0, 1.0))
-THOROUGH = tuple((d, a) for d in (0.5, 1.0, 2.0) for a in (0.0, 0.5, 1.0))
 REFINE_STEPS = 1
 TINY = 1e-10
 _ROUNDER = 1.5 * 2**23  # (x + this) - this rounds x to an integer for |x| < 2**22

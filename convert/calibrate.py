@@ -54,10 +54,6 @@ class Calibration:
     # module that owns it (see SHARED_INPUT; `covariance(module)` resolves the sharing).
     covariances: dict[str, mx.array] = field(default_factory=dict)
 
-    def importance(self, module: str) -> mx.array | None:
-        """Per-input-channel error weights for `module`'s scale search, or None."""
-        return self.inputs.get(module)
-
     def covariance(self, module: str) -> mx.array | None:
         """E[x x^T] of `module`'s input, or None when it was not recorded."""
         parent, _, leaf = module.rpartition(".")

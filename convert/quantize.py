@@ -1,6 +1,6 @@
 """Affine group quantization of weight matrices and the recipe that decides, per tensor, how.
 
-`quantize_weight` is the one place numbers are turned into codes: MLX's affine scheme, where
+`QuantRecipe.quantize` is the one place numbers are turned into codes: MLX's affine scheme, where
 each group of `group_size` consecutive input weights gets a scale and a bias and every weight
 becomes a `bits`-bit code, packed into uint32 words. The scale and bias of each group can be
 *searched* to minimize the (activation-weighted) reconstruction error (affine.py) instead of
@@ -130,17 +130,6 @@ class QuantRecipe:
         return gptq_quantize(w, bits, group_size, cov, cols, factor=self.factors[id(cov)])
 
 
-def quantize_weight(w: mx.array, bits: int, group_size: int,
-                    importance=None) -> tuple[mx.array, mx.array, mx.array]:
-    """(out, in) float matrix -> (packed uint32 codes, scales, biases), MLX affine layout.
-
-    Scales and biases come out in `w`'s dtype, so cast `w` first to choose theirs. Each
-    group's scale and bias minimize the reconstruction error, weighted by `importance`
-    (see affine.quantize_search) when given.
-    """
-    return quantize_search(w, bits, group_size, importance)
-
-
 def plan_tensor(name: str, shape: tuple[int, ...], recipe: QuantRecipe) -> QuantSpec | None:
     """How to quantize parameter `name` of `shape`, or None to keep it in float."""
     if not name.endswith(".weight") or len(shape) != 2:
@@ -181,7 +170,3 @@ def quantization_block(specs: dict[str, QuantSpec], default: QuantSpec) -> dict:
             block[module] = specs[module].as_dict()
     return block
 
-
-def packed_columns(in_dim: int, bits: int) -> int:
-    """Width of the uint32 code matrix for `in_dim` inputs (what mx.quantize produces)."""
-    return in_dim * bits // 32
