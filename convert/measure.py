@@ -29,7 +29,6 @@ from mlx_llama.errors import MlxLlamaError
 from .calibrate import DEFAULT_MAX_TOKENS, Calibration, calibrate, read_calibration_text
 from .quantize import (HIGH_PRECISION_MODULES, QUANTIZABLE_LEAVES, QuantRecipe, QuantSpec,
                        most_common)
-from .gptq import inverse_factor
 from .sensitivity import FORMATS, Importance, allocate, format_cost, lookup_frequencies
 
 # Added to every channel's weight, relative to the mean: a channel the calibration text never
@@ -157,12 +156,7 @@ def choose_formats(recipe: QuantRecipe, params: dict[str, mx.array], cal: Calibr
         factors = cost_factors(module, cal, counts, tied)
         importance = recipe.importance.get(module)
         cov = recipe.covariances.get(module)
-        factor = None
-        if cov is not None:
-            import numpy as np
-
-            factor = recipe.factors.setdefault(
-                id(cov), inverse_factor(np.array(cov)).astype(np.float32))
+        factor = None if cov is None else recipe.factor(cov)
         costs[module] = {f: format_cost(wq, f[0], f[1], factors, importance, cov=cov,
                                         factor=factor) for f in formats}
         sizes[module] = w.size

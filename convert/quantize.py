@@ -115,19 +115,25 @@ class QuantRecipe:
             return self.gptq(w, spec.bits, spec.group_size, cov, importance)
         return quantize_search(w, spec.bits, spec.group_size, importance)
 
-    def gptq(self, w: mx.array, bits: int, group_size: int, cov, importance):
-        """GPTQ with the covariance's inverse factor computed once per distinct input."""
-        from .gptq import gptq_quantize, inverse_factor
-
+    def factor(self, cov):
+        """gptq.inverse_factor of `cov` (float32), computed once per distinct input."""
         if id(cov) not in self.factors:
             import numpy as np
 
+            from .gptq import inverse_factor
+
             self.factors[id(cov)] = inverse_factor(np.array(cov)).astype(np.float32)
+        return self.factors[id(cov)]
+
+    def gptq(self, w: mx.array, bits: int, group_size: int, cov, importance):
+        """GPTQ with the covariance's inverse factor computed once per distinct input."""
+        from .gptq import gptq_quantize
+
         # The group search's weights: the linear layers' per-channel ones; for the tied
         # embedding (rank-2 weights) the covariance's diagonal, gptq_quantize's default.
         cols = None if getattr(importance, "rows", None) is not None else importance
         cols = getattr(cols, "cols", cols)
-        return gptq_quantize(w, bits, group_size, cov, cols, factor=self.factors[id(cov)])
+        return gptq_quantize(w, bits, group_size, cov, cols, factor=self.factor(cov))
 
 
 def plan_tensor(name: str, shape: tuple[int, ...], recipe: QuantRecipe) -> QuantSpec | None:
