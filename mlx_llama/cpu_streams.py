@@ -65,12 +65,17 @@ def row_slices(arrays: list[mx.array | None], n: int) -> list[list[mx.array | No
 
 
 def split_matmul(x: mx.array, shards, group_size: int, bits: int, mode: str) -> mx.array:
-    """x @ W.T with W given as (stream, weight, scales, biases) row shards."""
-    outputs = []
-    for stream, w, scales, biases in shards:
-        with mx.stream(stream if stream is not None else mx.default_stream(mx.cpu)):
-            outputs.append(mx.quantized_matmul(x, w, scales, biases, transpose=True,
-                                               group_size=group_size, bits=bits, mode=mode))
+    """x @ W.T with W given as (stream, weight, scales, biases) row shards; the first shard
+    (stream None) runs where the caller's graph runs."""
+
+    def part(w, scales, biases):
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True,
+                                   group_size=group_size, bits=bits, mode=mode)
+
+    outputs = [part(*shards[0][1:])]
+    for stream, *weights in shards[1:]:
+        with mx.stream(stream):
+            outputs.append(part(*weights))
     return mx.concatenate(outputs, axis=-1)
 
 

@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from .cache import PromptCache
 from .errors import MlxLlamaError
-from .memory import wired_limit
+from .memory import peak_memory_gb, wired_limit
 from .sampling import LogitsProcessor, SamplingParams, make_sampler
 
 PREFILL_CHUNK = 512
@@ -46,9 +46,6 @@ class GenerationResponse:
     generation_tps: float
     peak_memory_gb: float
 
-
-def peak_memory_gb() -> float:
-    return mx.get_peak_memory() / 1e9
 
 
 def prefill(
@@ -225,51 +222,46 @@ def stream_generate(
     processor = LogitsProcessor(sampling, model.config.vocab_size, tokens)
     end_ids = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
     stops = StopStrings([stop] if isinstance(stop, str) else list(stop or []))
+    detok = tokenizer.detokenizer()
     with wired_limit(model):  # Metal: keep the weights resident for the run; else a no-op
-        yield from _run(model, tokens, cached, cache, max_tokens, sampler, processor, end_ids,
-                        stops, tokenizer.detokenizer(), logprobs, prefill_chunk,
-                        prefill_progress)
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        first_logits = prefill(model, tokens[cached:], cache.layers, prefill_chunk,
+                               prefill_progress)
+        cache.tokens = list(tokens)
+        mx.eval(first_logits)
+        prompt_time = time.perf_counter() - start
+        prompt_tps = (len(tokens) - cached) / max(prompt_time, 1e-9)
 
+        def response(text, token, lp, n, finish):
+            elapsed = time.perf_counter() - decode_start
+            return GenerationResponse(
+                text=text, token=token, logprobs=lp, finish_reason=finish,
+                prompt_tokens=len(tokens), cached_tokens=cached, prompt_tps=prompt_tps,
+                generation_tokens=n, generation_tps=n / max(elapsed, 1e-9),
+                peak_memory_gb=peak_memory_gb(),
+            )
 
-def _run(model, tokens, cached, cache, max_tokens, sampler, processor, end_ids, stops, detok,
-         logprobs, prefill_chunk, prefill_progress) -> Iterator[GenerationResponse]:
-    mx.reset_peak_memory()
-    start = time.perf_counter()
-    first_logits = prefill(model, tokens[cached:], cache.layers, prefill_chunk, prefill_progress)
-    cache.tokens = list(tokens)
-    mx.eval(first_logits)
-    prompt_time = time.perf_counter() - start
-    prompt_tps = (len(tokens) - cached) / max(prompt_time, 1e-9)
-
-    def response(text, token, lp, n, finish):
-        elapsed = time.perf_counter() - decode_start
-        return GenerationResponse(
-            text=text, token=token, logprobs=lp, finish_reason=finish,
-            prompt_tokens=len(tokens), cached_tokens=cached, prompt_tps=prompt_tps,
-            generation_tokens=n, generation_tps=n / max(elapsed, 1e-9),
-            peak_memory_gb=peak_memory_gb(),
-        )
-
-    decode_start = time.perf_counter()
-    steps = decode(model, first_logits, cache.layers, sampler,
-                   processor if processor.active else None, logprobs)
-    n = 0
-    for n, (token, lp) in enumerate(steps, start=1):
-        cache.tokens.append(token)  # decode has already fed it to the cache
-        if token in end_ids:
-            tail, _ = stops.feed(detok.finalize())
-            yield response(tail + stops.flush(), token, lp, n, "stop")
-            return
-        text, hit = stops.feed(detok.add_token(token))
-        if hit:
-            yield response(text, token, lp, n, "stop")
-            return
-        if n >= max_tokens:
-            tail, hit = stops.feed(detok.finalize())
-            yield response(text + tail + ("" if hit else stops.flush()), token, lp, n,
-                           "stop" if hit else "length")
-            return
-        yield response(text, token, lp, n, None)
+        decode_start = time.perf_counter()
+        steps = decode(model, first_logits, cache.layers, sampler,
+                       processor if processor.active else None, logprobs)
+        n = 0
+        for n, (token, lp) in enumerate(steps, start=1):
+            cache.tokens.append(token)  # decode has already fed it to the cache
+            if token in end_ids:
+                tail, _ = stops.feed(detok.finalize())
+                yield response(tail + stops.flush(), token, lp, n, "stop")
+                return
+            text, hit = stops.feed(detok.add_token(token))
+            if hit:
+                yield response(text, token, lp, n, "stop")
+                return
+            if n >= max_tokens:
+                tail, hit = stops.feed(detok.finalize())
+                yield response(text + tail + ("" if hit else stops.flush()), token, lp, n,
+                               "stop" if hit else "length")
+                return
+            yield response(text, token, lp, n, None)
 
 
 def generate(model, tokenizer, prompt, max_tokens: int = 256, **kwargs) -> str:

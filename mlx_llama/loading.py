@@ -103,9 +103,10 @@ def quantize_layers(model: nn.Module, quantization: dict[str, Any], weights: dic
     nn.quantize(model, class_predicate=choose)
 
 
-def cast_floating(model: nn.Module, dtype: mx.Dtype) -> None:
+def cast_floating(model: nn.Module, dtype: mx.Dtype, kv_dtype: mx.Dtype | None = None) -> None:
     """Make the model compute in `dtype`: the parameters the arithmetic uses directly are cast,
-    and activations (from the embedding on) and the KV cache are held in `dtype`.
+    and activations (from the embedding on) are held in `dtype`, the KV cache in `kv_dtype`
+    (default: `dtype`).
 
     Quantization scales and biases keep their stored dtype: the quantized kernel reads them as
     they are (float32 activations with bfloat16 scales give float32 results, bit for bit the
@@ -116,7 +117,7 @@ def cast_floating(model: nn.Module, dtype: mx.Dtype) -> None:
         [(k, v.astype(dtype) if _compute_param(k, v) else v) for k, v in params], strict=False
     )
     if hasattr(model, "set_dtypes"):
-        model.set_dtypes(dtype, dtype)
+        model.set_dtypes(dtype, kv_dtype or dtype)
 
 
 def _compute_param(name: str, value: mx.array) -> bool:
@@ -132,13 +133,13 @@ def storage_dtype(model: nn.Module) -> mx.Dtype:
     return max(sizes, key=sizes.get) if sizes else mx.float32
 
 
-def auto_kv_dtype(model: nn.Module, compute: mx.Dtype) -> mx.Dtype:
-    """bfloat16 for a bfloat16 checkpoint (it was made to run at that precision, and mlx-lm
-    holds its cache so); otherwise the compute dtype. float16 storage (GGUF block scales, say)
-    says little about activations, and float16 attention on the CPU is slow and can overflow.
-    Call before casting (it reads the stored dtype).
+def auto_kv_dtype(stored: mx.Dtype, compute: mx.Dtype) -> mx.Dtype:
+    """bfloat16 for a bfloat16 checkpoint (`stored`: it was made to run at that precision, and
+    mlx-lm holds its cache so); otherwise the compute dtype. float16 storage (GGUF block
+    scales, say) says little about activations, and float16 attention on the CPU is slow and
+    can overflow.
     """
-    return mx.bfloat16 if storage_dtype(model) == mx.bfloat16 else compute
+    return mx.bfloat16 if stored == mx.bfloat16 else compute
 
 
 def load_model(
@@ -172,9 +173,8 @@ def load_model(
         # "auto" picks float32 on the CPU for its kernels' speed, not for more precision: the
         # KV cache then stays at the checkpoint's precision, as the scales do. An explicit
         # dtype is used throughout.
-        kv_dtype = auto_kv_dtype(model, compute_dtype) if auto else compute_dtype
-        cast_floating(model, compute_dtype)
-        model.set_dtypes(compute_dtype, kv_dtype)
+        kv_dtype = auto_kv_dtype(stored, compute_dtype) if auto else None
+        cast_floating(model, compute_dtype, kv_dtype)
     if lean_graph():
         # The CPU backend. With several cores the quantized matmuls are split over them
         # (cpu_streams.py); each prompt token then costs what a decode token costs whatever

@@ -13,16 +13,11 @@ gets a warning naming both sizes, because the likely outcome is swapping, not sp
 from __future__ import annotations
 
 import os
-import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
-
-
-class MemoryFitWarning(UserWarning):
-    """The model (plus cache budget) is larger than the memory available."""
 
 
 def model_nbytes(model: nn.Module) -> int:
@@ -74,13 +69,6 @@ def fit_warning(model: nn.Module, extra_bytes: int = 0) -> str | None:
         f"the model needs {need / 1e9:.2f} GB but only {have / 1e9:.2f} GB is available: "
         "expect heavy swapping; use a smaller or more quantized model"
     )
-
-
-def warn_if_too_big(model: nn.Module, extra_bytes: int = 0) -> str | None:
-    message = fit_warning(model, extra_bytes)
-    if message:
-        warnings.warn(message, MemoryFitWarning, stacklevel=2)
-    return message
 
 
 @contextmanager

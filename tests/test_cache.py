@@ -396,7 +396,5 @@ def test_model_that_cannot_fit_gets_a_warning(model, monkeypatch):
     monkeypatch.setattr(memory, "available_memory", lambda: size // 2)
     message = memory.fit_warning(model)
     assert message and f"{size / 1e9:.2f} GB" in message and f"{size // 2 / 1e9:.2f} GB" in message
-    with pytest.warns(memory.MemoryFitWarning, match="is available"):
-        memory.warn_if_too_big(model)
     monkeypatch.setattr(memory, "available_memory", lambda: size * 2)
     assert memory.fit_warning(model) is None
