@@ -32,7 +32,7 @@ import mlx.core as mx
 
 from mlx_llama.errors import MlxLlamaError
 
-from .affine import quantize_search
+from .affine import bits_per_weight, quantize_search
 
 # Candidate formats (bits, group size), cheapest first. 3 bits is offered only when the budget
 # cannot be met with 4 or more: the second-order cost estimate holds for small errors, and on
@@ -126,7 +126,7 @@ def allocate(costs: dict[str, dict[tuple[int, int], float]], sizes: dict[str, in
     """One format per tensor minimizing the summed cost with sum(size * bpw) <= budget_bits."""
 
     def bits_of(fmt: tuple[int, int]) -> float:
-        return fmt[0] + 2 * scale_bits / fmt[1]
+        return bits_per_weight(*fmt, scale_bits)
 
     def choose(lam: float) -> dict[str, tuple[int, int]]:
         return {t: min(c, key=lambda f: c[f] + lam * sizes[t] * bits_of(f))
