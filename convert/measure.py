@@ -18,10 +18,12 @@ with the same tokenizer and the same windows for both.
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from mlx_llama.config import ModelConfig
 from mlx_llama.errors import MlxLlamaError
@@ -85,16 +87,10 @@ def prepare_recipe(
         recipe.covariances = {m: cal.covariance(m) for m in cal.inputs
                               if cal.covariance(m) is not None}
     if recipe.bpw is not None:
-        params = dict(_flat(model))
+        params = dict(tree_flatten(model.parameters()))
         del model
         choose_formats(recipe, params, cal, counts, dtype, progress)
     return cal
-
-
-def _flat(model):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(model.parameters())
 
 
 def channel_importance(cal: Calibration, cfg: ModelConfig,
@@ -171,9 +167,7 @@ def choose_formats(recipe: QuantRecipe, params: dict[str, mx.array], cal: Calibr
 
 def describe_choice(overrides: dict[str, QuantSpec]) -> str:
     """One line: how many matrices got each format (the config lists them one by one)."""
-    counts: dict[QuantSpec, int] = {}
-    for spec in overrides.values():
-        counts[spec] = counts.get(spec, 0) + 1
+    counts = Counter(overrides.values())
     parts = [f"{n} x {s.bits}-bit/g{s.group_size}" for s, n in
              sorted(counts.items(), key=lambda kv: (kv[0].bits, -kv[0].group_size))]
     special = [f"{m.rsplit('.', 1)[-1]} {overrides[m].bits}-bit" for m in HIGH_PRECISION_MODULES
