@@ -36,6 +36,23 @@ def causal_mask(length: int) -> str | None:
     return "causal" if length > 1 else None
 
 
+def grown(old: mx.array | None, shape: tuple[int, ...], dtype: mx.Dtype, held: int,
+          axis: int = 2) -> mx.array:
+    """A zeroed buffer of `shape` holding the first `held` entries of `old` along `axis`.
+
+    Caches grow in blocks: copying what is held into a bigger buffer now and then costs far
+    less than concatenating every token."""
+    fresh = mx.zeros(shape, dtype)
+    if old is not None and held:
+        index = (slice(None),) * (axis % len(shape)) + (slice(0, held),)
+        fresh[index] = old[index]
+    return fresh
+
+
+def round_up(n: int, step: int) -> int:
+    return (n + step - 1) // step * step
+
+
 class LayerCache:
     """What every cache kind shares: its size, the prompt mask, and its options."""
 
@@ -73,15 +90,10 @@ class KVCache(LayerCache):
         return self.keys[..., :end, :], self.values[..., :end, :]
 
     def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
-        batch, heads, _, k_dim = keys.shape
-        v_dim = values.shape[3]
-        capacity = ((needed + self.step - 1) // self.step) * self.step
-        grown_k = mx.zeros((batch, heads, capacity, k_dim), keys.dtype)
-        grown_v = mx.zeros((batch, heads, capacity, v_dim), values.dtype)
-        if self.keys is not None and self.offset:
-            grown_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
-            grown_v[..., : self.offset, :] = self.values[..., : self.offset, :]
-        self.keys, self.values = grown_k, grown_v
+        capacity = round_up(needed, self.step)
+        self.keys, self.values = (grown(old, (*new.shape[:2], capacity, new.shape[3]), new.dtype,
+                                        self.offset)
+                                  for old, new in ((self.keys, keys), (self.values, values)))
 
     @property
     def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
@@ -183,7 +195,8 @@ class QuantizedKVCache(LayerCache):
         self.offset = end
 
     def _key_columns(self) -> tuple[int, int, int]:
-        """Tokens per column of the packed keys, of their scales and of their biases."""
+        """Tokens per column of the packed keys, of their scales and of their biases (and, the
+        same numbers, head dimensions per column of the values')."""
         return 32 // self.bits, self.group_size, self.group_size
 
     def _fetch(self):
@@ -196,21 +209,18 @@ class QuantizedKVCache(LayerCache):
 
     def _grow(self, like: mx.array, needed: int) -> None:
         """Room for `needed` tokens (rounded up to `step`), keeping what is held."""
-        capacity = ((needed + self.step - 1) // self.step) * self.step
+        capacity = round_up(needed, self.step)
         batch, heads, _, dim = like.shape
-        dtype, per_word, g = like.dtype, 32 // self.bits, self.group_size
-        values = ((capacity, dim // per_word, mx.uint32), (capacity, dim // g, dtype),
-                  (capacity, dim // g, dtype))
-        keys = ((dim, capacity // per_word, mx.uint32), (dim, capacity // g, dtype),
-                (dim, capacity // g, dtype))
-        fresh_v = tuple(mx.zeros((batch, heads, *s[:2]), s[2]) for s in values)
-        fresh_k = tuple(mx.zeros((batch, heads, *s[:2]), s[2]) for s in keys)
-        if self.values is not None:
-            for f, o in zip(fresh_v, self.values):
-                f[..., : self.offset, :] = o[..., : self.offset, :]
-            for f, o, per in zip(fresh_k, self.keys, self._key_columns()):
-                f[..., : self.grouped // per] = o[..., : self.grouped // per]
-        self.values, self.keys = fresh_v, fresh_k
+        dtypes = (mx.uint32, like.dtype, like.dtype)
+        # Values hold tokens on axis 2; keys, transposed, on the last axis.
+        per = self._key_columns()
+        old_v = self.values or (None,) * 3
+        old_k = self.keys or (None,) * 3
+        self.values = tuple(grown(o, (batch, heads, capacity, dim // p), t, self.offset)
+                            for o, p, t in zip(old_v, per, dtypes))
+        self.keys = tuple(grown(o, (batch, heads, dim, capacity // p), t, self.grouped // p,
+                                axis=-1)
+                          for o, p, t in zip(old_k, per, dtypes))
 
     def _quantize_plain(self) -> None:
         plain, self._plain = self._plain, None
@@ -352,13 +362,9 @@ class RotatingKVCache(LayerCache):
 
     def _grow(self, keys: mx.array, values: mx.array) -> None:
         capacity = min(self.max_size, self.size + self.step)
-        batch, heads, _, k_dim = keys.shape
-        grown_k = mx.zeros((batch, heads, capacity, k_dim), keys.dtype)
-        grown_v = mx.zeros((batch, heads, capacity, values.shape[3]), values.dtype)
-        if self.size:
-            grown_k[..., : self.size, :] = self.keys[..., : self.size, :]
-            grown_v[..., : self.size, :] = self.values[..., : self.size, :]
-        self.keys, self.values = grown_k, grown_v
+        self.keys, self.values = (grown(old, (*new.shape[:2], capacity, new.shape[3]), new.dtype,
+                                        self.size)
+                                  for old, new in ((self.keys, keys), (self.values, values)))
 
     def _in_order(self) -> tuple[mx.array, mx.array] | tuple[()]:
         """The held keys/values, oldest first."""
