@@ -100,9 +100,10 @@ class _Probe(nn.Module):
         return self.inner(x) + self._ctx["probes"][self._name]
 
 
-def _wrap(model: nn.Module, ctx: dict) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Replace every Linear of the decoder layers with a probe; returns how to undo it."""
-    undo = []
+def _wrap(model: nn.Module, ctx: dict) -> list[tuple[nn.Module, str, _Probe]]:
+    """Replace every Linear of the decoder layers with a probe; returns (parent, leaf, probe)
+    for each, which is how to undo it."""
+    wrapped = []
     for i, layer in enumerate(model.model.layers):
         for parent_name, parent in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
             for leaf in LINEAR_LEAVES:
@@ -110,9 +111,10 @@ def _wrap(model: nn.Module, ctx: dict) -> list[tuple[nn.Module, str, nn.Module]]
                 if inner is None:
                     continue
                 name = f"model.layers.{i}.{parent_name}.{leaf}"
-                setattr(parent, leaf, _Probe(inner, name, ctx))
-                undo.append((parent, leaf, inner))
-    return undo
+                probe = _Probe(inner, name, ctx)
+                setattr(parent, leaf, probe)
+                wrapped.append((parent, leaf, probe))
+    return wrapped
 
 
 def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
@@ -129,7 +131,7 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
     cfg = model.config
     head = "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head"
     ctx: dict = {"probes": {}, "sq_inputs": {}, "covariance": covariance, "cov_inputs": {}}
-    undo = _wrap(model, ctx)
+    wrapped = _wrap(model, ctx)
     sums_in: dict[str, mx.array] = {}
     sums_cov: dict[str, mx.array] = {}
     sums_out: dict[str, mx.array] = {}
@@ -143,7 +145,7 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
             length = inp.shape[1]
             if length < 2:
                 break
-            probes = _zero_probes(model, cfg, length, head)
+            probes = _zero_probes(wrapped, cfg, length, head)
             ctx["sq_inputs"] = {}
             ctx["cov_inputs"] = {}
 
@@ -176,8 +178,8 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
             total_nll += loss.item()
             counted += length
     finally:
-        for parent, leaf, inner in undo:
-            setattr(parent, leaf, inner)
+        for parent, leaf, probe in wrapped:
+            setattr(parent, leaf, probe.inner)
     # Inputs are counted per position fed; outputs and NLL per position with a target (same).
     return Calibration(
         inputs={k: v / counted for k, v in sums_in.items()},
@@ -189,15 +191,10 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
     )
 
 
-def _zero_probes(model, cfg, length: int, head: str) -> dict[str, mx.array]:
+def _zero_probes(wrapped, cfg, length: int, head: str) -> dict[str, mx.array]:
     probes = {"lookup": mx.zeros((1, length, cfg.hidden_size), mx.float32),
               head: mx.zeros((1, length, cfg.vocab_size), mx.float32)}
-    for i, layer in enumerate(model.model.layers):
-        for parent_name, parent in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
-            for leaf in LINEAR_LEAVES:
-                probe = getattr(parent, leaf, None)
-                if isinstance(probe, _Probe):
-                    out = probe.inner.weight.shape[0]
-                    probes[f"model.layers.{i}.{parent_name}.{leaf}"] = mx.zeros((1, length, out),
-                                                                                mx.float32)
+    for _, _, probe in wrapped:
+        out = probe.inner.weight.shape[0]
+        probes[probe._name] = mx.zeros((1, length, out), mx.float32)
     return probes
