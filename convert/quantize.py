@@ -131,8 +131,7 @@ class QuantRecipe:
 
         # The group search's weights: the linear layers' per-channel ones; for the tied
         # embedding (rank-2 weights) the covariance's diagonal, gptq_quantize's default.
-        cols = None if getattr(importance, "rows", None) is not None else importance
-        cols = getattr(cols, "cols", cols)
+        cols = None if importance is None else importance.channels
         return gptq_quantize(w, bits, group_size, cov, cols, factor=self.factor(cov))
 
 

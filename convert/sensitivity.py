@@ -55,6 +55,11 @@ class Importance:
     cols: mx.array  # (in,) or (r, in)
     rows: mx.array | None = None  # (out, r) or None
 
+    @property
+    def channels(self) -> mx.array | None:
+        """The per-input-channel weights (what GPTQ's group search takes), or None if rank-2."""
+        return self.cols if self.rows is None else None
+
     def block(self, start: int, stop: int) -> mx.array:
         """The weights for rows start..stop, broadcastable against those rows."""
         if self.rows is None:
@@ -95,7 +100,7 @@ def format_cost(w: mx.array, bits: int, group_size: int, factors, importance: Im
         from .gptq import gptq_quantize, shrunk
 
         # A per-channel weight for the group search; the rank-2 (embedding) one is not.
-        channel = importance.cols if importance is not None and importance.rows is None else None
+        channel = None if importance is None else importance.channels
         q = gptq_quantize(ws, bits, group_size, cov, channel, factor=factor)
         d = np.array(ws.astype(mx.float32)) - np.array(
             mx.dequantize(*q, group_size=group_size, bits=bits).astype(mx.float32))
