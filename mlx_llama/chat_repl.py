@@ -19,13 +19,11 @@ HELP = "commands: /reset clears the conversation, /quit leaves, /help shows this
 
 def run_repl(args: argparse.Namespace) -> int:
     from .cache_options import cache_factory
-    from .cli import print_fit_warning, resolve_model, sampling_params
-    from .loading import load
+    from .cli import load_checked, resolve_model, sampling_params
 
-    model, tokenizer = load(resolve_model(args.model))
+    model, tokenizer = load_checked(resolve_model(args.model))
     params = sampling_params(args)
     chat = Conversation(model, tokenizer, args.system, make_layers=cache_factory(args, model))
-    print_fit_warning(model)
     print(f"chatting with {args.model or 'the bundled SmolLM2'}; {HELP}", file=sys.stderr)
     try:
         converse(chat, model, tokenizer, params, args)

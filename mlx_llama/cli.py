@@ -80,13 +80,17 @@ def print_stats(last) -> None:
     )
 
 
-def print_fit_warning(model) -> None:
-    """One line on stderr when the model does not fit the memory available (any backend)."""
+def load_checked(folder: Path):
+    """`load(folder)` for a subcommand that runs the model, with one line on stderr when the
+    model does not fit the memory available (any backend)."""
+    from .loading import load
     from .memory import fit_warning
 
+    model, tokenizer = load(folder)
     message = fit_warning(model)
     if message:
         print(f"warning: {message}", file=sys.stderr)
+    return model, tokenizer
 
 
 def prefill_progress(done: int, total: int) -> None:
@@ -101,10 +105,8 @@ def prefill_progress(done: int, total: int) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .cache_options import continue_prompt, open_prompt_cache
     from .generate import stream_generate
-    from .loading import load
 
-    model, tokenizer = load(resolve_model(args.model))
-    print_fit_warning(model)
+    model, tokenizer = load_checked(resolve_model(args.model))
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.system and not args.no_chat_template:
         prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]

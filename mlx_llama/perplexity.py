@@ -183,14 +183,13 @@ def read_text(path: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from .cache_options import cache_spec
-    from .cli import resolve_model
-    from .loading import load
+    from .cli import load_checked, resolve_model
 
     stride = args.stride if args.stride is not None else args.context
     check_window_options(args.context, stride)
     kind, options = cache_spec(args)
     text = read_text(args.text)
-    model, tokenizer = load(resolve_model(args.model))
+    model, tokenizer = load_checked(resolve_model(args.model))
     tokens = tokenizer.encode(text)
     if args.max_text_tokens:
         tokens = tokens[: args.max_text_tokens]

@@ -286,14 +286,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .cache_options import cache_spec
-    from .cli import resolve_model
-    from .loading import load
+    from .cli import load_checked, resolve_model
 
     kind, options = cache_spec(args)
     if args.prefill_chunk < 1:
         raise MlxLlamaError(f"--prefill-chunk must be at least 1, got {args.prefill_chunk}")
     folder = resolve_model(args.model)
-    model, tokenizer = load(folder)
+    model, tokenizer = load_checked(folder)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     chat = not args.no_chat_template and bool(tokenizer.chat_template)
     saved = SavedPrompt(text=text, system=args.system if chat else None, chat=chat)

@@ -173,7 +173,7 @@ def test_conversation_caches_are_of_the_kind_asked(chat_model_hd32):
 
 
 def test_generate_warns_in_one_line_when_the_model_cannot_fit(tiny_checkpoints, monkeypatch,
-                                                              capsys):
+                                                              capsys, tmp_path):
     from mlx_llama import memory
 
     monkeypatch.setattr(memory, "available_memory", lambda: 1000)
@@ -181,3 +181,9 @@ def test_generate_warns_in_one_line_when_the_model_cannot_fit(tiny_checkpoints, 
                  "--max-tokens", "2"]) == 0
     warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warning) == 1 and "0.00 GB is available" in warning[0], warning
+    # Every subcommand that runs the model loads it the same way (cli.load_checked).
+    text = tmp_path / "text.txt"
+    text.write_text("Llamas are social animals and live with others as a herd. " * 4)
+    assert main(["perplexity", "-m", str(tiny_checkpoints["gqa"]), "--text", str(text),
+                 "--context", "16"]) == 0
+    assert "0.00 GB is available" in capsys.readouterr().err
