@@ -32,13 +32,11 @@ SHAPES = {  # name: (rows, cols, count in the model)
 CLOCK = time.perf_counter
 
 
-def best_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = CLOCK()
-        mx.eval(fn())
-        times.append(CLOCK() - start)
-    return min(times)
+def elapsed(fn) -> float:
+    """Seconds (by CLOCK) to run and evaluate fn()."""
+    start = CLOCK()
+    mx.eval(fn())
+    return CLOCK() - start
 
 
 def main() -> None:
@@ -59,9 +57,8 @@ def main() -> None:
         mx.eval(quantize_search(w, args.bits, args.group_size, h))  # trace and compile
         plain = search = float("inf")
         for _ in range(args.reps):  # interleaved
-            plain = min(plain, best_time(lambda: mx.quantize(w, args.group_size, args.bits), 1))
-            search = min(search, best_time(
-                lambda: quantize_search(w, args.bits, args.group_size, h), 1))
+            plain = min(plain, elapsed(lambda: mx.quantize(w, args.group_size, args.bits)))
+            search = min(search, elapsed(lambda: quantize_search(w, args.bits, args.group_size, h)))
         total_plain += plain * count
         total_search += search * count
         print(f"{name:36s} {rows}x{cols}: min/max {plain * 1e3:8.1f} ms, search "
