@@ -36,7 +36,6 @@ from .sensitivity import FORMATS, Importance, allocate, format_cost, lookup_freq
 # Added to every channel's weight, relative to the mean: a channel the calibration text never
 # excites still gets some weight, so its groups are not left to chance.
 IMPORTANCE_FLOOR = 0.01
-DTYPE_BITS = {mx.float32: 32, mx.float16: 16, mx.bfloat16: 16}
 
 
 def source_model(weights: dict[str, mx.array], cfg: ModelConfig):
@@ -145,9 +144,9 @@ def choose_formats(recipe: QuantRecipe, params: dict[str, mx.array], cal: Calibr
         if module is not None and w.ndim == 2 and module.rsplit(".", 1)[-1] in QUANTIZABLE_LEAVES:
             formats = [f for f in FORMATS if w.shape[1] % f[1] == 0]
         if not formats:
-            other_bits += w.size * DTYPE_BITS.get(stored, 16)
+            other_bits += w.size * 8 * stored.size
             continue
-        scale_bits = DTYPE_BITS.get(stored, 16)
+        scale_bits = 8 * stored.size
         wq = w.astype(stored)
         factors = cost_factors(module, cal, counts, tied)
         importance = recipe.importance.get(module)
