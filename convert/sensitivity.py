@@ -81,6 +81,8 @@ def format_cost(w: mx.array, bits: int, group_size: int, factors, importance: Im
                 sample_rows: int = SAMPLE_ROWS, cov=None, factor=None) -> float:
     """Estimated loss increase from quantizing `w` with (bits, group_size).
 
+    factors: (rows (out, r), cols (r, in)) whose product is F_i h_j (measure.cost_factors).
+
     cov (the input covariance E[x x^T] of the role given by `factors`' first column): rows are
     quantized with GPTQ (factor: its inverse factor, gptq.inverse_factor) and the error is
     weighted by the full covariance, sum_i F_i (dW H dW^T)_ii, which is what GPTQ lowers
@@ -91,9 +93,6 @@ def format_cost(w: mx.array, bits: int, group_size: int, factors, importance: Im
     stride = max(1, rows // sample_rows)
     idx = mx.arange(0, rows, stride)
     ws = w[idx]
-    imp = None
-    if importance is not None:
-        imp = importance.cols if importance.rows is None else importance.rows[idx] @ importance.cols
     if cov is not None:
         import numpy as np
 
@@ -109,20 +108,18 @@ def format_cost(w: mx.array, bits: int, group_size: int, factors, importance: Im
         # The first factor is the role that reads the covariance's input (a linear layer, or
         # the tied embedding's head role); any other (the lookup role) stays diagonal.
         per_row = np.sum((d @ shrunk(cov)) * d, axis=1)
-        if factors is None:
-            return float(np.sum(per_row)) * rows / idx.shape[0]
         r, c = (np.array(a) for a in factors)
         r = r[np.array(idx)]
         cost = np.sum(r[:, 0] * per_row) + np.sum((r[:, 1:] @ c[1:]) * d * d)
         return float(cost) * rows / idx.shape[0]
+    imp = None
+    if importance is not None:
+        imp = importance.cols if importance.rows is None else importance.rows[idx] @ importance.cols
     q = quantize_search(ws, bits, group_size, imp)
     d = mx.dequantize(*q, group_size=group_size, bits=bits).astype(mx.float32)
     err = (ws.astype(mx.float32) - d) ** 2
-    if factors is None:
-        cost = err.sum()
-    else:
-        r, c = factors
-        cost = ((r[idx] @ c) * err).sum()
+    r, c = factors
+    cost = ((r[idx] @ c) * err).sum()
     return float(cost.item()) * rows / idx.shape[0]
 
 
