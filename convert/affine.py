@@ -27,16 +27,22 @@ Speed: the work is done in row chunks of about 2**17 weights, each one call of a
 compiled with mx.compile (see _chunk_function): MLX fuses each element-wise chain into one
 JIT-compiled CPU kernel, the chunk is transposed so that the per-group sums reduce over the
 leading axis (vector additions of whole rows on the CPU backend), and a chunk stays in
-cache from one pass to the next. On a 2-core machine this is still about 6x the time of
-mx.quantize (docs/quantization.md, "Speed"): every candidate needs its own pass over the
-weights and three reductions, where mx.quantize makes one pass.
+cache from one pass to the next. MLX runs each CPU stream on one thread, so on the CPU
+backend the chunks are dealt out over one stream per core (as the runtime's matmuls are:
+mlx_llama/cpu_streams.py); the groups are independent, so the result is bit for bit the
+same. Even so the search costs several times mx.quantize (docs/quantization.md, "Speed"):
+every candidate needs its own pass over the weights and three reductions, where mx.quantize
+makes one pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import mlx.core as mx
+
+from mlx_llama.cpu_streams import stream_count, streams
 
 CHUNK_ELEMENTS = 1 << 17
 # Candidate grids (delta, anchor), see fit_groups: each costs one pass of rounding and sums.
@@ -67,22 +73,31 @@ def quantize_search(
     step = max(1, CHUNK_ELEMENTS // cols)
     chunk = _chunk_function(bits, candidates, refine, importance is not None)
     top = mx.array(2**bits - 1, mx.float32)  # an input, not a constant: see _chunk_function
+    lanes = _lanes()
     parts = []
-    for start in range(0, rows, step):
+    for i, start in enumerate(range(0, rows, step)):
         stop = min(start + step, rows)
-        x = w[start:stop].reshape(stop - start, groups, group_size)
-        h = _row_weights(importance, start, stop)
-        if h is None:
-            codes, scale, bias = chunk(x, top)
-        else:
-            h = h.astype(mx.float32).reshape(-1, groups, group_size)
-            codes, scale, bias = chunk(x, h, top)
-        if 32 % bits:  # codes that straddle words are packed outside the compiled function
-            codes = pack_codes(codes.reshape(stop - start, cols), bits)
+        with lanes[i % len(lanes)]:
+            x = w[start:stop].reshape(stop - start, groups, group_size)
+            h = _row_weights(importance, start, stop)
+            if h is None:
+                codes, scale, bias = chunk(x, top)
+            else:
+                h = h.astype(mx.float32).reshape(-1, groups, group_size)
+                codes, scale, bias = chunk(x, h, top)
+            if 32 % bits:  # codes that straddle words are packed outside the compiled function
+                codes = pack_codes(codes.reshape(stop - start, cols), bits)
         parts.append((codes, scale.reshape(-1, groups), bias.reshape(-1, groups)))
     if len(parts) == 1:
         return parts[0]
     return tuple(mx.concatenate([p[i] for p in parts], axis=0) for i in range(3))
+
+
+def _lanes() -> list:
+    """Stream contexts to deal the chunks over: one per core on the CPU backend (the first
+    is the caller's own stream), just the caller's stream on a GPU."""
+    n = stream_count() if mx.default_device().type == mx.DeviceType.cpu else 1
+    return [contextlib.nullcontext() if s is None else mx.stream(s) for s in streams(n)]
 
 
 def _row_weights(importance, start: int, stop: int) -> mx.array | None:

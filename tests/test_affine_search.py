@@ -77,3 +77,17 @@ def test_fit_groups_keeps_its_shapes():
     plain = mx.quantize(x.reshape(6, 128), 64, 4)
     ref = mx.dequantize(*plain, group_size=64, bits=4).reshape(6, 2, 64)
     assert ((x - d) ** 2).sum().item() < ((x - ref) ** 2).sum().item()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_chunks_on_several_cpu_streams_give_the_same_bits(bits, monkeypatch):
+    """Dealing the row chunks over parallel CPU streams changes no bit (groups are independent)."""
+    w = _matrix(600, 512, 5).astype(mx.bfloat16)  # 600 rows: 3 chunks of 256 rows, the last short
+    h = _importance("channels", 600, 512)
+    monkeypatch.setenv("MLX_LLAMA_CPU_STREAMS", "1")
+    one = quantize_search(w, bits, 64, h)
+    mx.eval(one)
+    monkeypatch.setenv("MLX_LLAMA_CPU_STREAMS", "3")
+    several = quantize_search(w, bits, 64, h)
+    for a, b in zip(one, several):
+        assert a.shape == b.shape and mx.array_equal(a, b).item()
