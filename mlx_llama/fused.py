@@ -126,7 +126,7 @@ def _tables(angles: mx.array, scale: mx.array):
 
 @mx.compile
 def _rotate(x: mx.array, swap: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    return x * cos + (x @ swap) * sin
+    return x * cos + (x @ cast(swap, x.dtype)) * sin
 
 
 @dataclass

@@ -126,3 +126,17 @@ def test_float32_checkpoint_stays_exact_under_auto(tiny_checkpoints, tmp_path):
     cache = auto.make_cache()
     auto(mx.array([[5, 6, 7]]), cache)
     assert cache[0].state[0].dtype == mx.float32
+
+
+def test_stored_dtype_stays_stored_through_the_lean_decode_step(tiny_checkpoints, tmp_path):
+    """compute_dtype=None keeps a bfloat16 checkpoint's dtype in the decode step too: the
+    rotary swap matrix (float32) must not promote the queries and keys, and with them the
+    whole residual stream, to float32."""
+    from convert.api import convert
+
+    folder = convert(tiny_checkpoints["gqa"], tmp_path / "q4", quantize=True, dtype="bfloat16",
+                     progress=False)
+    model, _ = load_model(folder, compute_dtype=None)
+    cache = model.make_cache()
+    model(mx.array([[5, 6, 7]]), cache)
+    assert model.model(mx.array([[8]]), cache).dtype == mx.bfloat16
