@@ -53,12 +53,27 @@ class Calibration:
     # With covariance=True: E[x x^T] of each distinct linear input (in, in), keyed by the
     # module that owns it (see SHARED_INPUT; `covariance(module)` resolves the sharing).
     covariances: dict[str, mx.array] = field(default_factory=dict)
+    # The same over the even-numbered windows only (`half_tokens` tokens): with the rest, two
+    # disjoint halves of the text, so that GPTQ can be fitted on one and judged on the other.
+    half_covariances: dict[str, mx.array] = field(default_factory=dict)
+    half_tokens: int = 0
+
+    def owner(self, module: str) -> str:
+        """The module whose input `module` reads (itself unless SHARED_INPUT says otherwise)."""
+        parent, _, leaf = module.rpartition(".")
+        return f"{parent}.{SHARED_INPUT[leaf]}" if leaf in SHARED_INPUT else module
 
     def covariance(self, module: str) -> mx.array | None:
         """E[x x^T] of `module`'s input, or None when it was not recorded."""
-        parent, _, leaf = module.rpartition(".")
-        owner = f"{parent}.{SHARED_INPUT[leaf]}" if leaf in SHARED_INPUT else module
-        return self.covariances.get(owner)
+        return self.covariances.get(self.owner(module))
+
+    def covariance_halves(self, module: str) -> tuple[mx.array, mx.array] | None:
+        """E[x x^T] of `module`'s input on each half of the text (even windows, odd windows)."""
+        a = self.half_covariances.get(self.owner(module))
+        if a is None:
+            return None
+        rest = self.tokens - self.half_tokens
+        return a, (self.covariance(module) * self.tokens - a * self.half_tokens) / rest
 
 
 def read_calibration_text(spec: str | Path) -> str:
@@ -122,24 +137,30 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
     """Run `model` (an mlx_llama Llama, float) over `tokens` and collect the statistics.
 
     covariance: also record E[x x^T] of every distinct linear input of the decoder layers and
-    of the output head (what GPTQ needs: one (in, in) float32 matrix per distinct input).
+    of the output head (what GPTQ needs: one (in, in) float32 matrix per distinct input), on
+    the whole text and on its even-numbered windows (the text is cut into two windows at
+    least, so that both halves exist).
     """
     tokens = list(tokens)[:max_tokens]
     if len(tokens) < 16:
         raise MlxLlamaError("the calibration text has fewer than 16 tokens: give a longer text")
     window = min(window, model.config.max_position_embeddings)
+    if covariance:
+        window = min(window, len(tokens) // 2)
     cfg = model.config
     head = "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head"
     ctx: dict = {"probes": {}, "sq_inputs": {}, "covariance": covariance, "cov_inputs": {}}
     wrapped = _wrap(model, ctx)
     sums_in: dict[str, mx.array] = {}
     sums_cov: dict[str, mx.array] = {}
+    half_cov: dict[str, mx.array] = {}
+    half_tokens = 0
     sums_out: dict[str, mx.array] = {}
     lookup = mx.zeros((cfg.hidden_size,), mx.float32)
     total_nll = 0.0
     counted = 0
     try:
-        for start in range(0, len(tokens) - 1, window):
+        for index, start in enumerate(range(0, len(tokens) - 1, window)):
             ids = mx.array(tokens[start : start + window + 1], dtype=mx.int32)[None]
             inp, tgt = ids[:, :-1], ids[:, 1:]
             length = inp.shape[1]
@@ -174,9 +195,12 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
                 sums_in[name] = sums_in.get(name, 0) + sq
             for name, cov in ctx["cov_inputs"].items():
                 sums_cov[name] = sums_cov.get(name, 0) + cov
-            mx.eval(loss, lookup, sums_in, sums_out, sums_cov)
+                if index % 2 == 0:
+                    half_cov[name] = half_cov.get(name, 0) + cov
+            mx.eval(loss, lookup, sums_in, sums_out, sums_cov, half_cov)
             total_nll += loss.item()
             counted += length
+            half_tokens += length if index % 2 == 0 else 0
     finally:
         for parent, leaf, probe in wrapped:
             setattr(parent, leaf, probe.inner)
@@ -188,6 +212,8 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
         tokens=counted,
         nll=total_nll / counted,
         covariances={k: v / counted for k, v in sums_cov.items()},
+        half_covariances={k: v / half_tokens for k, v in half_cov.items()},
+        half_tokens=half_tokens,
     )
 
 

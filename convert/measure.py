@@ -136,7 +136,13 @@ def choose_formats(recipe: QuantRecipe, params: dict[str, mx.array], cal: Calibr
     total_params = 0
     other_bits = 0.0
     scale_bits = 16
-    for name, w in params.items():
+    # GPTQ prices each format on half covariances and their inverse factors (gptq_halves):
+    # held for one input at a time, the modules that share it taken one after another.
+    gptq = recipe.method == "gptq"
+    halves = None  # (owner, gptq_halves(owner))
+    order = sorted(params, key=lambda n: cal.owner(n.rpartition(".")[0]) if gptq else "")
+    for name in order:
+        w = params[name]
         stored = dtype or w.dtype
         total_params += w.size
         module = name[: -len(".weight")] if name.endswith(".weight") else None
@@ -150,10 +156,13 @@ def choose_formats(recipe: QuantRecipe, params: dict[str, mx.array], cal: Calibr
         wq = w.astype(stored)
         factors = cost_factors(module, cal, counts, tied)
         importance = recipe.importance.get(module)
-        cov = recipe.covariances.get(module)
-        factor = None if cov is None else recipe.factor(cov)
-        costs[module] = {f: format_cost(wq, f[0], f[1], factors, importance, cov=cov,
-                                        factor=factor) for f in formats}
+        pair = None
+        if gptq and module in recipe.covariances:
+            if halves is None or halves[0] != cal.owner(module):
+                halves = (cal.owner(module), gptq_halves(cal, module))
+            pair = halves[1]
+        costs[module] = {f: format_cost(wq, f[0], f[1], factors, importance, halves=pair)
+                         for f in formats}
         sizes[module] = w.size
     budget = recipe.bpw * total_params - other_bits
     choice = allocate(costs, sizes, budget, scale_bits)
@@ -162,6 +171,17 @@ def choose_formats(recipe: QuantRecipe, params: dict[str, mx.array], cal: Calibr
     recipe.bits, recipe.group_size = default.bits, default.group_size
     if progress:
         print(describe_choice(recipe.overrides), flush=True)
+
+
+def gptq_halves(cal: Calibration, module: str):
+    """((H_a, U_a), (H_b, U_b)): `module`'s input covariance on each half of the calibration
+    text, with its GPTQ inverse factor (what format_cost fits on one half, prices on the other)."""
+    import numpy as np
+
+    from .gptq import inverse_factor
+
+    return tuple((np.array(h), inverse_factor(np.array(h)).astype(np.float32))
+                 for h in cal.covariance_halves(module))
 
 
 def describe_choice(overrides: dict[str, QuantSpec]) -> str:

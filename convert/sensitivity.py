@@ -78,40 +78,45 @@ def lookup_frequencies(counts: mx.array) -> mx.array:
 
 
 def format_cost(w: mx.array, bits: int, group_size: int, factors, importance: Importance | None,
-                sample_rows: int = SAMPLE_ROWS, cov=None, factor=None) -> float:
+                sample_rows: int = SAMPLE_ROWS, halves=None) -> float:
     """Estimated loss increase from quantizing `w` with (bits, group_size).
 
     factors: (rows (out, r), cols (r, in)) whose product is F_i h_j (measure.cost_factors).
 
-    cov (the input covariance E[x x^T] of the role given by `factors`' first column): rows are
-    quantized with GPTQ (factor: its inverse factor, gptq.inverse_factor) and the error is
-    weighted by the full covariance, sum_i F_i (dW H dW^T)_ii, which is what GPTQ lowers
-    (the diagonal weighting above is this with H's off-diagonal dropped; H is shrunk as
-    GPTQ shrinks it, gptq.shrunk).
+    halves (GPTQ): ((H_a, U_a), (H_b, U_b)), the input covariance E[x x^T] of the role given
+    by `factors`' first column measured on two disjoint halves of the calibration text, each
+    with its inverse factor (gptq.inverse_factor). The rows are quantized with GPTQ fitted on
+    one half and the error is weighted by the *other* half's raw covariance,
+    sum_i F_i (dW H dW^T)_ii, then the same the other way round; the mean is the cost.
+    Priced on the covariance it was fitted to, GPTQ's error looks smaller than it will be on
+    new text (it cancels errors along directions that text happens to lack), and by how much
+    depends on the matrix and the format, which misranks them; the held-out half is
+    independent of the fit, so its raw covariance prices the error without bias. GPTQ's
+    group search takes its channel weights from the fitted half too (gptq_quantize's
+    default, the same formula as measure.channel_importance).
     """
     rows = w.shape[0]
     stride = max(1, rows // sample_rows)
     idx = mx.arange(0, rows, stride)
     ws = w[idx]
-    if cov is not None:
+    if halves is not None:
         import numpy as np
 
-        from .gptq import gptq_quantize, shrunk
+        from .gptq import gptq_quantize
 
-        # A per-channel weight for the group search; the rank-2 (embedding) one is not.
-        channel = None if importance is None else importance.channels
-        q = gptq_quantize(ws, bits, group_size, cov, channel, factor=factor)
-        d = np.array(ws.astype(mx.float32)) - np.array(
-            mx.dequantize(*q, group_size=group_size, bits=bits).astype(mx.float32))
-        # Judged on the shrunk covariance GPTQ trusts: the raw one, measured on the same
-        # text GPTQ fitted, would flatter it.
-        # The first factor is the role that reads the covariance's input (a linear layer, or
-        # the tied embedding's head role); any other (the lookup role) stays diagonal.
-        per_row = np.sum((d @ shrunk(cov)) * d, axis=1)
+        (ha, ua), (hb, ub) = halves
         r, c = (np.array(a) for a in factors)
         r = r[np.array(idx)]
-        cost = np.sum(r[:, 0] * per_row) + np.sum((r[:, 1:] @ c[1:]) * d * d)
-        return float(cost) * rows / idx.shape[0]
+        cost = 0.0
+        for h_fit, u_fit, held in ((ha, ua, hb), (hb, ub, ha)):
+            q = gptq_quantize(ws, bits, group_size, h_fit, factor=u_fit)
+            d = np.array(ws.astype(mx.float32)) - np.array(
+                mx.dequantize(*q, group_size=group_size, bits=bits).astype(mx.float32))
+            # The first factor is the role that reads the covariance's input (a linear layer,
+            # or the tied embedding's head role); any other (the lookup role) stays diagonal.
+            per_row = np.sum((d @ held) * d, axis=1)
+            cost += np.sum(r[:, 0] * per_row) + np.sum((r[:, 1:] @ c[1:]) * d * d)
+        return float(cost / 2) * rows / idx.shape[0]
     imp = None
     if importance is not None:
         imp = importance.cols if importance.rows is None else importance.rows[idx] @ importance.cols

@@ -162,6 +162,37 @@ def test_gptq_rows_are_independent():
         assert mx.array_equal(a[idx], b).item()
 
 
+def test_gptq_cost_is_priced_on_the_half_it_was_not_fitted_to():
+    """format_cost fits GPTQ on one half of the inputs and prices it on the other: unbiased
+    for new inputs, where pricing on the fitted half (what it did before) flatters GPTQ."""
+    from convert.gptq import inverse_factor
+    from convert.sensitivity import format_cost
+
+    rng = np.random.default_rng(3)
+    cols = 256
+    mix = rng.normal(size=(cols, cols)) / np.sqrt(cols) + np.eye(cols)
+    mix *= rng.gamma(1.0, size=cols)
+    truth = mix.T @ mix  # the inputs' real covariance
+    w = mx.array(rng.normal(size=(32, cols)).astype(np.float32)).astype(mx.bfloat16)
+
+    def sampled(n):  # a covariance measured on n inputs: fewer than the layer has channels
+        x = rng.normal(size=(n, cols)) @ mix
+        return (x.T @ x / n).astype(np.float32)
+
+    halves = [(h, inverse_factor(h).astype(np.float32)) for h in (sampled(96), sampled(96))]
+    factors = (mx.ones((32, 1)), mx.ones((1, cols)))
+    priced = format_cost(w, 4, 64, factors, None, halves=halves)
+
+    def error(fit, u, cov):
+        q = gptq_quantize(w, 4, 64, fit, factor=u)
+        return output_error(w, mx.dequantize(*q, group_size=64, bits=4), cov)
+
+    real = np.mean([error(h, u, truth) for h, u in halves])  # what new inputs will see
+    in_sample = np.mean([error(h, u, h) for h, u in halves])
+    assert in_sample < 0.8 * real, (in_sample, real)  # the bias this pricing removes
+    assert abs(priced / real - 1) < 0.15, (priced, real)
+
+
 # ---------------------------------------------------------------------------------------------
 # The budget
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +282,16 @@ def test_calibration_covariances_match_the_mean_squares(trained):
         assert mx.allclose(mx.diag(cov), h, rtol=1e-4, atol=1e-6).item(), module
     layer = "model.layers.1.self_attn"
     assert cal.covariance(f"{layer}.k_proj") is cal.covariance(f"{layer}.q_proj")
+    # Two disjoint halves of the text (even and odd windows) that add up to the whole.
+    a, b = cal.covariance_halves(f"{layer}.v_proj")
+    assert 0 < cal.half_tokens < cal.tokens
+    whole = (a * cal.half_tokens + b * (cal.tokens - cal.half_tokens)) / cal.tokens
+    assert mx.allclose(whole, cal.covariance(f"{layer}.q_proj"), rtol=1e-4, atol=1e-6).item()
+    assert not mx.allclose(a, b, rtol=0.05).item()
+    # A text shorter than two windows is cut in two all the same.
+    short = calibrate(model, tokenizer.encode(text_path.read_text()), window=64, max_tokens=64,
+                      covariance=True)
+    assert 0 < short.half_tokens < short.tokens
 
 
 def test_mixed_precision_folder_loads_in_mlx_lm_with_our_logits(trained, conversions):
