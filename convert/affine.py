@@ -30,7 +30,8 @@ leading axis (vector additions of whole rows on the CPU backend), and a chunk st
 cache from one pass to the next. MLX runs each CPU stream on one thread, so on the CPU
 backend the chunks are dealt out over one stream per core (as the runtime's matmuls are:
 mlx_llama/cpu_streams.py); the groups are independent, so the result is bit for bit the
-same. Even so the search costs several times mx.quantize (docs/quantization.md, "Speed"):
+same. That buys only 10-15% on 2 cores: the main thread's dispatch of each chunk's compiled
+graph (about 0.5 ms) is the limit, and larger chunks spill out of cache. Even so the search costs several times mx.quantize (docs/quantization.md, "Speed"):
 every candidate needs its own pass over the weights and three reductions, where mx.quantize
 makes one pass.
 """
