@@ -6,6 +6,8 @@
 - `tinyllama`: a random checkpoint with TinyLlama-1.1B's shapes (hidden 2048, 32 query and
   4 key/value heads, intermediate 5632, vocabulary 32000) but fewer layers, so both
   generators run on a small CPU in minutes. Random weights cost the same to run as trained ones.
+- `llama_1b`: a random checkpoint with Llama-3.2-1B's shapes (16 layers, tied, 2.5 GB in
+  bfloat16), for timing whole conversions (convert_speed.py).
 - `tiny`: a toy shape (hidden 64) for the CI smoke run of the benchmark.
 
 Each is built once into a cache folder and reused.
@@ -29,6 +31,17 @@ TINYLLAMA_SHAPE = dict(
     rms_norm_eps=1e-5,
     rope_theta=10000.0,
     tie_word_embeddings=False,
+)
+LLAMA_1B_SHAPE = dict(  # Llama-3.2-1B's shapes (its RoPE scaling aside: it costs nothing here)
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    tie_word_embeddings=True,
 )
 TINY_SHAPE = dict(
     hidden_size=64,
@@ -105,6 +118,10 @@ def random_llama(name: str, shape: dict, layers: int, dtype: str, root: Path = C
 
 def tinyllama(dtype: str = "bfloat16", layers: int = 2, root: Path = CACHE) -> Path:
     return random_llama("tinyllama-shaped", TINYLLAMA_SHAPE, layers, dtype, root)
+
+
+def llama_1b(dtype: str = "bfloat16", layers: int = 16, root: Path = CACHE) -> Path:
+    return random_llama("llama-1b-shaped", LLAMA_1B_SHAPE, layers, dtype, root)
 
 
 def tiny(dtype: str = "bfloat16", layers: int = 2, root: Path = CACHE) -> Path:

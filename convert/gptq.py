@@ -35,7 +35,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .affine import fit_groups, pack_codes
+from .affine import fit_groups, pack_codes, round_to_dtype
 
 DAMP = 0.01  # added to H's diagonal, relative to its mean: keeps H^-1 well conditioned
 # H's off-diagonal is shrunk by this fraction toward zero: a covariance estimated from a few
@@ -93,12 +93,10 @@ def gptq_quantize(w: mx.array, bits: int, group_size: int, cov, importance=None,
     biases = np.zeros((rows, groups), np.float32)
     for g in range(groups):
         c0, c1 = g * group_size, (g + 1) * group_size
-        x = mx.array(work[:, c0:c1])[:, None, :]
-        h = mx.array(imp[c0:c1])[None, None, :]
-        s, b = fit_groups(x, h, bits)
+        s, b = fit_groups(work[:, c0:c1], imp[c0:c1], bits, group_size)
         # Round to the stored dtype first: the codes are taken against what is written.
-        s = np.array(s.astype(dtype).astype(mx.float32)).reshape(rows)
-        b = np.array(b.astype(dtype).astype(mx.float32)).reshape(rows)
+        s = round_to_dtype(s, dtype)[1].reshape(rows)
+        b = round_to_dtype(b, dtype)[1].reshape(rows)
         inv = 1 / s
         errs = np.empty((rows, group_size), np.float32)
         for j in range(c0, c1):
@@ -112,7 +110,7 @@ def gptq_quantize(w: mx.array, bits: int, group_size: int, cov, importance=None,
         if c1 < cols:
             work[:, c1:] -= errs @ u[c0:c1, c1:]
         scales[:, g], biases[:, g] = s, b
-    packed = pack_codes(mx.array(codes), bits)
+    packed = pack_codes(codes, bits)
     return packed, mx.array(scales).astype(dtype), mx.array(biases).astype(dtype)
 
 
