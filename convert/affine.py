@@ -51,7 +51,8 @@ TINY = 1e-10
 # about 16 MB of float32 weights, never the whole (vocab, hidden) matrix.
 WEIGHT_BLOCK_ELEMENTS = 1 << 22
 # Reassociating the sums (and fusing multiply-adds) lets LLVM vectorize the loops over a
-# group; no flag here assumes finite values or changes how a code is rounded.
+# group. No flag assumes finite values; a fused x * inv + shift can move a code only at an
+# exact tie between two codes.
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 

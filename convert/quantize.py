@@ -29,8 +29,6 @@ import mlx.core as mx
 
 from mlx_llama.errors import MlxLlamaError
 
-from .affine import quantize_search
-
 VALID_BITS = (2, 3, 4, 5, 6, 8)
 VALID_GROUP_SIZES = (32, 64, 128)
 METHODS = ("auto", "search", "minmax", "gptq")
@@ -113,6 +111,8 @@ class QuantRecipe:
         cov = self.covariances.get(module)
         if self.method == "gptq" and cov is not None:
             return self.gptq(w, spec.bits, spec.group_size, cov, importance)
+        from .affine import quantize_search  # numba loads only for conversions that search
+
         return quantize_search(w, spec.bits, spec.group_size, importance)
 
     def factor(self, cov):
