@@ -50,6 +50,10 @@ TINY = 1e-10
 # Rows of a rank-2 Importance (the embedding's two roles) whose weights are made at a time:
 # about 16 MB of float32 weights, never the whole (vocab, hidden) matrix.
 WEIGHT_BLOCK_ELEMENTS = 1 << 22
+# Below this many weights a call runs on one thread: waking the others costs more than they
+# save, and GPTQ's per-group calls sit between numpy's multi-threaded matmuls (measured: a
+# 576x1536 GPTQ took 767 ms with every call on 2 threads, 504 ms on one).
+PARALLEL_MIN_ELEMENTS = 1 << 18
 # Reassociating the sums (and fusing multiply-adds) lets LLVM vectorize the loops over a
 # group. No flag assumes finite values; a fused x * inv + shift can move a code only at an
 # exact tie between two codes.
@@ -79,7 +83,7 @@ def quantize_search(
     biases = np.empty_like(scales)
     deltas, anchors = _grids(candidates)
     step = rows if not hasattr(importance, "block") else max(1, WEIGHT_BLOCK_ELEMENTS // cols)
-    with _threads():
+    with _threads(w.size):
         for start in range(0, rows, step):
             stop = min(start + step, rows)
             h = _row_weights(importance, start, stop, cols)
@@ -104,7 +108,7 @@ def fit_groups(x: np.ndarray, h: np.ndarray | None, bits: int,
     scales = np.empty((rows, cols // group_size), np.float32)
     biases = np.empty_like(scales)
     deltas, anchors = _grids(CANDIDATES)
-    with _threads():
+    with _threads(x.size):
         _fit_rows(x, weights, bits, group_size, deltas, anchors, REFINE_STEPS, scales, biases)
     return scales, biases
 
@@ -119,7 +123,7 @@ def pack_codes(codes, bits: int) -> mx.array:
     codes = np.ascontiguousarray(np.asarray(codes), dtype=np.uint32)
     rows, n = codes.shape
     packed = np.empty((rows, n * bits // 32), np.uint32)
-    with _threads():
+    with _threads(codes.size):
         _pack_rows(codes, bits, packed)
     return mx.array(packed)
 
@@ -181,11 +185,15 @@ def _grids(candidates) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _threads:
-    """Run the kernels on as many cores as the runtime's matmuls use (cpu_streams)."""
+    """Run the kernels on as many cores as the runtime's matmuls use (cpu_streams), for a
+    call on `elements` weights large enough to pay for them."""
+
+    def __init__(self, elements: int):
+        self.count = 1 if elements < PARALLEL_MIN_ELEMENTS else stream_count()
 
     def __enter__(self):
         self.before = numba.get_num_threads()
-        numba.set_num_threads(min(stream_count(), numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(min(self.count, numba.config.NUMBA_NUM_THREADS))
 
     def __exit__(self, *exc):
         numba.set_num_threads(self.before)
