@@ -143,3 +143,16 @@ def test_compare_mlx_lm_runs_on_a_tiny_checkpoint(tiny_checkpoints, tmp_path, ca
         assert result["ratios"][key] > 0
     assert result["ops"]["mlx-llama"] > 0 and result["ops"]["mlx-lm"] > 0
     assert "ops per decode step" in capsys.readouterr().out
+
+
+def test_convert_speed_script_times_both_methods(tiny_checkpoints, capsys):
+    """benchmarks/convert_speed.py end to end on a tiny checkpoint, so the script cannot rot."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import convert_speed
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    times = convert_speed.main(["--model", str(tiny_checkpoints["gqa"]), "--rounds", "1"])
+    assert set(times) == {"minmax", "search"}
+    assert all(len(t) == 1 and t[0] > 0 for t in times.values())
+    assert "search" in capsys.readouterr().out
