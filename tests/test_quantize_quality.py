@@ -335,3 +335,29 @@ def test_user_errors_are_one_line(trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "x").exists()
+
+
+def test_gptq_group_kernel_is_the_column_loop_bit_for_bit():
+    """gptq._round_group (numba) does the float32 operations of the plain numpy column loop."""
+    from convert.gptq import _round_group
+
+    rng = np.random.default_rng(4)
+    rows, cols, c0, c1, top = 40, 96, 32, 64, np.float32(15)
+    work = rng.normal(size=(rows, cols)).astype(np.float32)
+    u = np.triu(rng.normal(size=(cols, cols))).astype(np.float32) + 3 * np.eye(cols, dtype=np.float32)
+    s = rng.uniform(0.1, 0.3, size=rows).astype(np.float32)
+    b = rng.uniform(-1.5, -1.0, size=rows).astype(np.float32)
+    ref_work, ref_codes = work.copy(), np.zeros((rows, cols), np.float32)
+    ref_errs = np.empty((rows, c1 - c0), np.float32)
+    inv = 1 / s
+    for j in range(c0, c1):
+        col = ref_work[:, j]
+        q = np.clip(np.round(col * inv - b * inv), 0, top)
+        ref_codes[:, j] = q
+        e = (col - (s * q + b)) / u[j, j]
+        ref_errs[:, j - c0] = e
+        ref_work[:, j + 1 : c1] -= np.outer(e, u[j, j + 1 : c1])
+    codes, errs = np.zeros((rows, cols), np.float32), np.empty((rows, c1 - c0), np.float32)
+    _round_group(work, u, c0, c1, s, b, top, codes, errs)
+    assert np.array_equal(work, ref_work) and np.array_equal(codes, ref_codes)
+    assert np.array_equal(errs, ref_errs) and codes[:, c0:c1].max() > 0
