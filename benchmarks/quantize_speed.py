@@ -8,7 +8,7 @@ embedding is timed on 8192 of its rows and scaled. Per shape, the best of `reps`
 method, interleaved so that a busy machine slows both alike. The search is timed with
 activation weights, as --calibrate and --bpw use it. --cpu-time times the process's CPU
 time (all threads) instead of the wall clock: steadier on a machine shared with other jobs.
-The first search of each shape is not timed (MLX traces and compiles it then).
+The first search of each shape is not timed (numba compiles or loads its kernels then).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main() -> None:
         w = mx.random.normal((rows, cols)).astype(mx.bfloat16)
         h = mx.random.uniform(shape=(cols,)) ** 4 + 1e-3
         mx.eval(w, h)
-        mx.eval(quantize_search(w, args.bits, args.group_size, h))  # trace and compile
+        mx.eval(quantize_search(w, args.bits, args.group_size, h))  # compile (or load) the kernels
         plain = search = float("inf")
         for _ in range(args.reps):  # interleaved
             plain = min(plain, elapsed(lambda: mx.quantize(w, args.group_size, args.bits)))
