@@ -79,19 +79,11 @@ def quantize_search(
     """
     rows, cols = w.shape
     source = _host_matrix(w)
-    scales = np.empty((rows, cols // group_size), np.float32)
-    biases = np.empty_like(scales)
-    deltas, anchors = _grids(candidates)
-    step = rows if not hasattr(importance, "block") else max(1, WEIGHT_BLOCK_ELEMENTS // cols)
+    scales, biases = _fit_matrix(source, importance, bits, group_size, candidates, refine)
+    stored_scales, scales = round_to_dtype(scales, w.dtype)
+    stored_biases, biases = round_to_dtype(biases, w.dtype)
+    packed = np.empty((rows, cols * bits // 32), np.uint32)
     with _threads(w.size):
-        for start in range(0, rows, step):
-            stop = min(start + step, rows)
-            h = _row_weights(importance, start, stop, cols)
-            _fit_rows(source[start:stop], h, bits, group_size, deltas, anchors, refine,
-                      scales[start:stop], biases[start:stop])
-        stored_scales, scales = round_to_dtype(scales, w.dtype)
-        stored_biases, biases = round_to_dtype(biases, w.dtype)
-        packed = np.empty((rows, cols * bits // 32), np.uint32)
         _quantize_rows(source, scales, biases, bits, group_size, packed)
     return mx.array(packed), stored_scales, stored_biases
 
@@ -102,15 +94,7 @@ def fit_groups(x: np.ndarray, h: np.ndarray | None, bits: int,
     consecutive values in each row of the float32 matrix `x`; `h`: None, (cols,) or (rows, cols)
     error weights. (GPTQ fits one column group of its running matrix at a time with this.)"""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    rows, cols = x.shape
-    weights = np.ones((1, cols), np.float32) if h is None else \
-        np.ascontiguousarray(np.asarray(h, np.float32).reshape(-1, cols))
-    scales = np.empty((rows, cols // group_size), np.float32)
-    biases = np.empty_like(scales)
-    deltas, anchors = _grids(CANDIDATES)
-    with _threads(x.size):
-        _fit_rows(x, weights, bits, group_size, deltas, anchors, REFINE_STEPS, scales, biases)
-    return scales, biases
+    return _fit_matrix(x, h, bits, group_size, CANDIDATES, REFINE_STEPS)
 
 
 def pack_codes(codes, bits: int) -> mx.array:
@@ -156,6 +140,25 @@ def bits_per_weight(bits: int, group_size: int, scale_bits: int = 16) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+def _fit_matrix(source: np.ndarray, importance, bits: int, group_size: int, candidates,
+                refine: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 (scales, biases) of every group of `source` (a `_host_matrix`); the error
+    weights as `quantize_search` takes them, a rank-2 Importance made a block of rows at a
+    time."""
+    rows, cols = source.shape
+    scales = np.empty((rows, cols // group_size), np.float32)
+    biases = np.empty_like(scales)
+    deltas, anchors = _grids(candidates)
+    step = rows if not hasattr(importance, "block") else max(1, WEIGHT_BLOCK_ELEMENTS // cols)
+    with _threads(source.size):
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            h = _row_weights(importance, start, stop, cols)
+            _fit_rows(source[start:stop], h, bits, group_size, deltas, anchors, refine,
+                      scales[start:stop], biases[start:stop])
+    return scales, biases
+
+
 def _host_matrix(w: mx.array) -> np.ndarray:
     """The weights as a C-ordered numpy matrix the kernels read: float32 as it is, bfloat16 as
     its raw 16 bits (numpy has no bfloat16; the kernel widens a row at a time, so no float32
@@ -168,14 +171,16 @@ def _host_matrix(w: mx.array) -> np.ndarray:
 
 
 def _row_weights(importance, start: int, stop: int, cols: int) -> np.ndarray:
-    """Error weights for rows start..stop as a float32 (1 or stop - start, cols) matrix."""
+    """Error weights (MLX or numpy) for rows start..stop as a float32 (1 or stop - start,
+    cols) matrix."""
     if importance is None:
         return np.ones((1, cols), np.float32)
     if hasattr(importance, "block"):
         h = importance.block(start, stop)
     else:
         h = importance[start:stop] if importance.ndim == 2 else importance
-    return np.ascontiguousarray(np.asarray(h.astype(mx.float32)).reshape(-1, cols))
+    h = np.asarray(h.astype(mx.float32)) if isinstance(h, mx.array) else np.asarray(h, np.float32)
+    return np.ascontiguousarray(h.reshape(-1, cols))
 
 
 def _grids(candidates) -> tuple[np.ndarray, np.ndarray]:
@@ -280,12 +285,19 @@ def _code_sums(xc, h, s, b, top):
     shift = np.float32(-b * inv)
     sq = sqq = sqx = 0.0
     for i in range(xc.shape[0]):
-        q = min(max(np.rint(xc[i] * inv + shift), np.float32(0)), top)
+        q = nearest_code(xc[i], inv, shift, top)
         hq = np.float64(h[i] * q)
         sq += hq
         sqq += hq * q
         sqx += hq * xc[i]
     return sq, sqq, sqx
+
+
+@numba.njit(inline="always")
+def nearest_code(x, inv, shift, top):
+    """round(x / s - b / s) clipped to [0, top], given inv = 1/s and shift = -b/s (float32):
+    the one rounding every kernel here (and GPTQ's) uses, ties to even like mx.quantize."""
+    return min(max(np.rint(x * inv + shift), np.float32(0)), top)
 
 
 @numba.njit(inline="always")
@@ -339,7 +351,7 @@ def _quantize_rows(source, scales, biases, bits, group_size, packed):
             inv = np.float32(1) / scales[r, g]
             shift = -biases[r, g] * inv
             for i in range(group_size * g, group_size * (g + 1)):
-                codes[i] = np.uint32(min(max(np.rint(x[i] * inv + shift), np.float32(0)), top))
+                codes[i] = np.uint32(nearest_code(x[i], inv, shift, top))
         _pack_row(codes, bits, packed[r])
 
 

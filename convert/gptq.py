@@ -36,7 +36,7 @@ import mlx.core as mx
 import numba
 import numpy as np
 
-from .affine import fit_groups, pack_codes, round_to_dtype
+from .affine import fit_groups, nearest_code, pack_codes, round_to_dtype
 
 DAMP = 0.01  # added to H's diagonal, relative to its mean: keeps H^-1 well conditioned
 # H's off-diagonal is shrunk by this fraction toward zero: a covariance estimated from a few
@@ -115,11 +115,11 @@ def _round_group(work, u, c0, c1, s, b, top, codes, errs):
     this was a few operations per column, and their Python overhead dominated `--method gptq`
     conversions. The float32 arithmetic is the same, operation for operation."""
     inv = np.float32(1) / s
-    shift = b * inv
+    shift = -(b * inv)  # x * inv + shift is exactly x * inv - b * inv
     for r in range(work.shape[0]):
         row = work[r]
         for j in range(c0, c1):
-            q = min(max(np.rint(row[j] * inv[r] - shift[r]), np.float32(0)), top)
+            q = nearest_code(row[j], inv[r], shift[r], top)
             codes[r, j] = q
             e = (row[j] - (s[r] * q + b[r])) / u[j, j]
             errs[r, j - c0] = e
