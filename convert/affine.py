@@ -97,6 +97,14 @@ def fit_groups(x: np.ndarray, h: np.ndarray | None, bits: int,
     return _fit_matrix(x, h, bits, group_size, CANDIDATES, REFINE_STEPS)
 
 
+def check_groups(cols: int, group_size: int) -> None:
+    """Refuse a row length that is not whole groups: the kernels would leave its tail out
+    (and MLX could not load the result), where mx.quantize raises."""
+    if group_size <= 0 or cols % group_size:
+        raise ValueError(f"rows of {cols} values are not whole groups of {group_size}: "
+                         "choose a group size that divides the input dimension")
+
+
 def pack_codes(codes, bits: int) -> mx.array:
     """(rows, n) integer codes below 2**bits -> (rows, n*bits/32) uint32 in MLX's layout.
 
@@ -146,6 +154,7 @@ def _fit_matrix(source: np.ndarray, importance, bits: int, group_size: int, cand
     weights as `quantize_search` takes them, a rank-2 Importance made a block of rows at a
     time."""
     rows, cols = source.shape
+    check_groups(cols, group_size)
     scales = np.empty((rows, cols // group_size), np.float32)
     biases = np.empty_like(scales)
     deltas, anchors = _grids(candidates)

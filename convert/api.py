@@ -25,7 +25,8 @@ from mlx_llama.config import ModelConfig
 from mlx_llama.errors import MlxLlamaError
 
 from .mapping import QUANT_PARTS, map_weights
-from .quantize import QuantRecipe, QuantSpec, plan_tensor, quantization_block, spec_from_block
+from .quantize import (QuantRecipe, QuantSpec, is_quantizable, plan_tensor, quantization_block,
+                       spec_from_block)
 from .safetensors_source import COPIED_FILES, COPIED_PATTERNS, INDEX_FILE, read_folder
 from .source import SourceModel
 from .writer import check_destination, staged_folder, write_json, write_weights
@@ -43,6 +44,9 @@ class Plan:
     tensors: list = field(default_factory=list)
     specs: dict[str, QuantSpec] = field(default_factory=dict)
     params: int = 0
+    # Matrices kept in float because their rows are not whole groups of the group size
+    # (as mlx-lm does); the summary says so, since the user asked for them quantized.
+    ungrouped: list[str] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -230,6 +234,8 @@ def plan_tensors(
         plan.params += array.size
         spec = plan_tensor(name, tuple(array.shape), recipe) if recipe else None
         if spec is None:
+            if recipe and is_quantizable(name, array.shape) and array.shape[-1] % recipe.group_size:
+                plan.ungrouped.append(module)
             plan.tensors.append((name, array))
             continue
         wq, scales, biases = recipe.quantize(module, array, spec)
@@ -291,6 +297,10 @@ def describe(plan: Plan, recipe: QuantRecipe | None, config: dict, nbytes: int) 
             what += ", embeddings unquantized"
     else:
         what = f"unquantized ({config.get('torch_dtype') or config.get('dtype') or 'source dtype'})"
+    if plan.ungrouped and recipe is not None:
+        n = len(plan.ungrouped)
+        what += (f"; {n} matri{'ces' if n > 1 else 'x'} kept in float: rows not whole groups of "
+                 f"{recipe.group_size} (choose a --group-size that divides them)")
     return f"{nbytes / 1e6:.1f} MB, {bpw:.2f} bits per weight, {what}"
 
 

@@ -36,7 +36,7 @@ import mlx.core as mx
 import numba
 import numpy as np
 
-from .affine import fit_groups, nearest_code, pack_codes, round_to_dtype
+from .affine import check_groups, fit_groups, nearest_code, pack_codes, round_to_dtype
 
 DAMP = 0.01  # added to H's diagonal, relative to its mean: keeps H^-1 well conditioned
 # H's off-diagonal is shrunk by this fraction toward zero: a covariance estimated from a few
@@ -80,6 +80,7 @@ def gptq_quantize(w: mx.array, bits: int, group_size: int, cov, importance=None,
     """
     dtype = w.dtype
     rows, cols = w.shape
+    check_groups(cols, group_size)
     n = 2**bits - 1
     u = inverse_factor(np.array(cov), shrink=shrink) if factor is None else factor
     u = u.astype(np.float32)

@@ -135,13 +135,17 @@ class QuantRecipe:
         return gptq_quantize(w, bits, group_size, cov, cols, factor=self.factor(cov))
 
 
+def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether parameter `name` is the weight matrix of a module MLX can quantize."""
+    return (name.endswith(".weight") and len(shape) == 2
+            and name[: -len(".weight")].rsplit(".", 1)[-1] in QUANTIZABLE_LEAVES)
+
+
 def plan_tensor(name: str, shape: tuple[int, ...], recipe: QuantRecipe) -> QuantSpec | None:
     """How to quantize parameter `name` of `shape`, or None to keep it in float."""
-    if not name.endswith(".weight") or len(shape) != 2:
+    if not is_quantizable(name, shape):
         return None
     module = name[: -len(".weight")]
-    if module.rsplit(".", 1)[-1] not in QUANTIZABLE_LEAVES:
-        return None
     if module in recipe.overrides:
         return recipe.overrides[module]
     if shape[-1] % recipe.group_size:

@@ -111,10 +111,14 @@ def test_embeddings_can_stay_unquantized(tiny_checkpoints, tmp_path):
     load_model(out)
 
 
-def test_group_size_that_does_not_divide_keeps_float(tiny_checkpoints, tmp_path):
-    """hidden 64 is not a multiple of 128: only down_proj (input 128) is quantized."""
-    out = convert(tiny_checkpoints["gqa"], tmp_path / "g128", quantize=True, group_size=128,
-                  progress=False)
+def test_group_size_that_does_not_divide_keeps_float(tiny_checkpoints, tmp_path, capsys):
+    """hidden 64 is not a multiple of 128: only down_proj (input 128) is quantized, and the
+    summary says how many matrices were kept in float and why."""
+    out = convert(tiny_checkpoints["gqa"], tmp_path / "g128", quantize=True, group_size=128)
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    cfg = json.loads((out / "config.json").read_text())
+    kept = 7 * cfg["num_hidden_layers"] - cfg["num_hidden_layers"] + 2  # all but down_proj, tables
+    assert f"{kept} matrices kept in float: rows not whole groups of 128" in summary
     weights = tensors_of(out)
     assert "model.layers.0.mlp.down_proj.scales" in weights
     assert "model.layers.0.mlp.up_proj.scales" not in weights

@@ -152,6 +152,18 @@ def test_gptq_lowers_the_output_error_of_plain_rounding(bits, group_size):
         <= 1.001 * output_error(w, mx.dequantize(*plain, group_size=group_size, bits=bits), diag)
 
 
+def test_a_row_length_that_is_not_whole_groups_is_refused():
+    """576 values (SmolLM2's hidden size) are not whole groups of 128: the search and GPTQ
+    refuse, as mx.quantize does, instead of leaving the tail of every row out."""
+    w = mx.random.normal((8, 576), key=mx.random.key(0))
+    cov = mx.eye(576)
+    for quantize in (lambda: quantize_search(w, 5, 128),
+                     lambda: gptq_quantize(w, 5, 128, cov)):
+        with pytest.raises(ValueError, match="not whole groups of 128"):
+            quantize()
+    assert gptq_quantize(w, 5, 64, cov)[1].shape == (8, 9)
+
+
 def test_gptq_rows_are_independent():
     """Measuring a sample of rows (sensitivity.py) gives exactly those rows of the result."""
     w, cov = _correlated_layer(7)
