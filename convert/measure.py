@@ -39,12 +39,21 @@ IMPORTANCE_FLOOR = 0.01
 
 
 def source_model(weights: dict[str, mx.array], cfg: ModelConfig):
-    """A float32 `Llama` from (lazy) source weights, named as mapping.map_weights names them."""
+    """A float32 `Llama` from (lazy) source weights, named as mapping.map_weights names them.
+
+    On the CPU backend its matmuls are split over the cores (cpu_streams): MLX's CPU matmul is
+    one thread, and calibration's forward and backward passes are most of a `--bpw`
+    conversion's time.
+    """
+    from mlx_llama.cpu_streams import use_cpu_streams
+    from mlx_llama.fused import lean_graph
     from mlx_llama.model import Llama
 
     model = Llama(cfg)
     model.load_weights([(k, v.astype(mx.float32)) for k, v in weights.items()], strict=True)
     mx.eval(model.parameters())
+    if lean_graph():
+        use_cpu_streams(model, dense=True)
     model.eval()
     return model
 

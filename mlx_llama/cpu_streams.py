@@ -79,13 +79,27 @@ def split_matmul(x: mx.array, shards, group_size: int, bits: int, mode: str) -> 
     return mx.concatenate(outputs, axis=-1)
 
 
+def split_dense(x: mx.array, shards) -> mx.array:
+    """x @ W.T with a float W given as (stream, weight) row shards (MLX's CPU matmul is one
+    thread too). Differentiable: each shard's gradient is taken on its own stream."""
+    outputs = [x @ shards[0][1].T]
+    for stream, w in shards[1:]:
+        with mx.stream(stream):
+            outputs.append(x @ w.T)
+    return mx.concatenate(outputs, axis=-1)
+
+
 def _shards(module: nn.Module, n: int):
-    """Row shards of a quantized layer's weight over `n` streams, or None to keep it whole."""
+    """Row shards of a layer's weight (with its scales and biases when quantized) over `n`
+    streams, or None to keep it whole."""
     rows = module["weight"].shape[0]
     n = min(n, rows // MIN_ROWS_PER_STREAM)
     if n < 2:
         return None
-    parts = row_slices([module["weight"], module["scales"], module.get("biases")], n)
+    arrays = [module["weight"]]
+    if "scales" in module:
+        arrays += [module["scales"], module.get("biases")]
+    parts = row_slices(arrays, n)
     return [(stream, *part) for stream, part in zip(streams(n), parts)]
 
 
@@ -112,9 +126,42 @@ class ShardedQuantizedEmbedding(nn.QuantizedEmbedding):
         return split_matmul(x, shards, self.group_size, self.bits, self.mode)
 
 
-def use_cpu_streams(model: nn.Module, n: int | None = None) -> int:
+class ShardedLinear(nn.Linear):
+    """`nn.Linear` whose matmul runs as row shards on parallel CPU streams."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shards = self.__dict__.get("_row_shards")
+        if shards is None:
+            return super().__call__(x)
+        y = split_dense(x, shards)
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+
+class ShardedEmbedding(nn.Embedding):
+    """A float embedding whose use as the tied output head is split the same way."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        shards = self.__dict__.get("_row_shards")
+        if shards is None:
+            return super().as_linear(x)
+        return split_dense(x, shards)
+
+
+# (plain MLX class, its split version); the embeddings only where they are the tied head.
+_QUANTIZED = ((nn.QuantizedLinear, ShardedQuantizedLinear),)
+_QUANTIZED_HEAD = ((nn.QuantizedEmbedding, ShardedQuantizedEmbedding),)
+_DENSE = ((nn.Linear, ShardedLinear),)
+_DENSE_HEAD = ((nn.Embedding, ShardedEmbedding),)
+
+
+def use_cpu_streams(model: nn.Module, n: int | None = None, dense: bool = False) -> int:
     """Split the quantized layers of `model` over `n` CPU streams; returns how many were split.
 
+    dense: split the float layers too. The runtime leaves them whole (its float models take
+    other paths, see loading.py); the converter's float32 source model, which calibration runs
+    forward and backward, splits them (1.8x on 2 cores for a SmolLM2-sized layer pair).
     Call after the parameters are final (loaded and cast): the shards are views of them.
     """
     n = stream_count() if n is None else n
@@ -122,12 +169,13 @@ def use_cpu_streams(model: nn.Module, n: int | None = None) -> int:
         return 0
     split = 0
     tied_head = "lm_head" not in model  # else the embedding is only looked up, never multiplied
+    kinds = _QUANTIZED + (_DENSE if dense else ())
+    heads = (_QUANTIZED_HEAD + (_DENSE_HEAD if dense else ())) if tied_head else ()
     for _, module in model.named_modules():
-        if isinstance(module, nn.QuantizedLinear):
-            if type(module) is nn.QuantizedLinear:
-                module.__class__ = ShardedQuantizedLinear
-        elif type(module) is nn.QuantizedEmbedding and tied_head:
-            module.__class__ = ShardedQuantizedEmbedding
+        for plain, sharded in kinds + heads:
+            if isinstance(module, plain) and type(module) in (plain, sharded):
+                module.__class__ = sharded
+                break
         else:
             continue
         shards = _shards(module, n)

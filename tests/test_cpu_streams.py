@@ -11,7 +11,7 @@ from mlx_llama.config import ModelConfig
 from mlx_llama.model import Llama
 
 
-def quantized_llama(tie: bool) -> Llama:
+def quantized_llama(tie: bool, quantize: bool = True) -> Llama:
     mx.random.seed(0)
     cfg = ModelConfig.from_dict(dict(
         model_type="llama", vocab_size=1000, hidden_size=128, intermediate_size=320,
@@ -20,7 +20,8 @@ def quantized_llama(tie: bool) -> Llama:
     model = Llama(cfg)
     params = nn.utils.tree_map(lambda p: p + 0.02 * mx.random.normal(p.shape), model.parameters())
     model.update(params)
-    nn.quantize(model, group_size=64, bits=4)
+    if quantize:
+        nn.quantize(model, group_size=64, bits=4)
     mx.eval(model.parameters())
     return model
 
@@ -43,6 +44,34 @@ def test_split_model_gives_the_same_logits_bit_for_bit(tie):
     assert isinstance(model.model.layers[0].mlp.gate_proj, cpu_streams.ShardedQuantizedLinear)
     after = prompt_and_step()  # a prompt (many rows) and a decode step (one row)
     assert all(mx.array_equal(b, a) for b, a in zip(before, after))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_split_float_model_gives_the_same_logits_and_gradients(tie):
+    """The converter's float32 source model (dense=True): calibration differentiates through
+    the split matmuls, so the gradients must be those of whole ones too."""
+    model = quantized_llama(tie, quantize=False)
+    tokens = mx.array([[5, 17, 256, 999, 3, 42, 7, 8, 9, 10]])
+
+    def logits_and_grad():
+        def loss(x):
+            h = model.model.embed_tokens(tokens) + x
+            for layer in model.model.layers:
+                h = layer(h)
+            return model.project(model.model.norm(h))
+        probe = mx.zeros((1, tokens.shape[1], 128))
+        grad = mx.grad(lambda x: (loss(x) ** 2).mean())(probe)
+        return loss(probe), grad
+
+    before = logits_and_grad()
+    assert cpu_streams.use_cpu_streams(model, 2) == 0  # quantized layers only by default
+    split = cpu_streams.use_cpu_streams(model, 2, dense=True)
+    assert split == 2 * 5 + 1
+    assert isinstance(model.model.layers[0].mlp.gate_proj, cpu_streams.ShardedLinear)
+    after = logits_and_grad()
+    assert mx.allclose(before[0], after[0], rtol=1e-6, atol=1e-6).item()
+    assert mx.allclose(before[1], after[1], rtol=1e-5, atol=1e-7).item()
+    assert mx.array_equal(before[0], after[0]).item()
 
 
 def test_shards_are_views_and_one_stream_changes_nothing(monkeypatch):
