@@ -103,17 +103,24 @@ def _shards(module: nn.Module, n: int):
     return [(stream, *part) for stream, part in zip(streams(n), parts)]
 
 
-class ShardedQuantizedLinear(nn.QuantizedLinear):
-    """`nn.QuantizedLinear` whose matmul runs as row shards on parallel CPU streams."""
+class _SplitLinear:
+    """A linear layer's call with its matmul as row shards (`_multiply`), when it has them."""
 
     def __call__(self, x: mx.array) -> mx.array:
         shards = self.__dict__.get("_row_shards")
         if shards is None:
             return super().__call__(x)
-        y = split_matmul(x, shards, self.group_size, self.bits, self.mode)
+        y = self._multiply(x, shards)
         if "bias" in self:
             y = y + self["bias"]
         return y
+
+
+class ShardedQuantizedLinear(_SplitLinear, nn.QuantizedLinear):
+    """`nn.QuantizedLinear` whose matmul runs as row shards on parallel CPU streams."""
+
+    def _multiply(self, x: mx.array, shards) -> mx.array:
+        return split_matmul(x, shards, self.group_size, self.bits, self.mode)
 
 
 class ShardedQuantizedEmbedding(nn.QuantizedEmbedding):
@@ -126,17 +133,11 @@ class ShardedQuantizedEmbedding(nn.QuantizedEmbedding):
         return split_matmul(x, shards, self.group_size, self.bits, self.mode)
 
 
-class ShardedLinear(nn.Linear):
+class ShardedLinear(_SplitLinear, nn.Linear):
     """`nn.Linear` whose matmul runs as row shards on parallel CPU streams."""
 
-    def __call__(self, x: mx.array) -> mx.array:
-        shards = self.__dict__.get("_row_shards")
-        if shards is None:
-            return super().__call__(x)
-        y = split_dense(x, shards)
-        if "bias" in self:
-            y = y + self["bias"]
-        return y
+    def _multiply(self, x: mx.array, shards) -> mx.array:
+        return split_dense(x, shards)
 
 
 class ShardedEmbedding(nn.Embedding):
