@@ -103,58 +103,50 @@ def _shards(module: nn.Module, n: int):
     return [(stream, *part) for stream, part in zip(streams(n), parts)]
 
 
+def _split(module: nn.Module, x: mx.array, shards) -> mx.array:
+    """x @ W.T for `module`'s row shards: the quantized kernel or the float matmul."""
+    if "scales" in module:
+        return split_matmul(x, shards, module.group_size, module.bits, module.mode)
+    return split_dense(x, shards)
+
+
 class _SplitLinear:
-    """A linear layer's call with its matmul as row shards (`_multiply`), when it has them."""
+    """A linear layer's call with its matmul as row shards, when it has them."""
 
     def __call__(self, x: mx.array) -> mx.array:
         shards = self.__dict__.get("_row_shards")
         if shards is None:
             return super().__call__(x)
-        y = self._multiply(x, shards)
+        y = _split(self, x, shards)
         if "bias" in self:
             y = y + self["bias"]
         return y
 
 
-class ShardedQuantizedLinear(_SplitLinear, nn.QuantizedLinear):
-    """`nn.QuantizedLinear` whose matmul runs as row shards on parallel CPU streams."""
-
-    def _multiply(self, x: mx.array, shards) -> mx.array:
-        return split_matmul(x, shards, self.group_size, self.bits, self.mode)
-
-
-class ShardedQuantizedEmbedding(nn.QuantizedEmbedding):
-    """A quantized embedding whose use as the tied output head is split the same way."""
+class _SplitHead:
+    """An embedding whose use as the tied output head is split the same way."""
 
     def as_linear(self, x: mx.array) -> mx.array:
         shards = self.__dict__.get("_row_shards")
         if shards is None:
             return super().as_linear(x)
-        return split_matmul(x, shards, self.group_size, self.bits, self.mode)
+        return _split(self, x, shards)
+
+
+class ShardedQuantizedLinear(_SplitLinear, nn.QuantizedLinear):
+    """`nn.QuantizedLinear` whose matmul runs as row shards on parallel CPU streams."""
+
+
+class ShardedQuantizedEmbedding(_SplitHead, nn.QuantizedEmbedding):
+    """A quantized embedding whose head matmul runs as row shards."""
 
 
 class ShardedLinear(_SplitLinear, nn.Linear):
     """`nn.Linear` whose matmul runs as row shards on parallel CPU streams."""
 
-    def _multiply(self, x: mx.array, shards) -> mx.array:
-        return split_dense(x, shards)
 
-
-class ShardedEmbedding(nn.Embedding):
-    """A float embedding whose use as the tied output head is split the same way."""
-
-    def as_linear(self, x: mx.array) -> mx.array:
-        shards = self.__dict__.get("_row_shards")
-        if shards is None:
-            return super().as_linear(x)
-        return split_dense(x, shards)
-
-
-# (plain MLX class, its split version); the embeddings only where they are the tied head.
-_QUANTIZED = ((nn.QuantizedLinear, ShardedQuantizedLinear),)
-_QUANTIZED_HEAD = ((nn.QuantizedEmbedding, ShardedQuantizedEmbedding),)
-_DENSE = ((nn.Linear, ShardedLinear),)
-_DENSE_HEAD = ((nn.Embedding, ShardedEmbedding),)
+class ShardedEmbedding(_SplitHead, nn.Embedding):
+    """A float embedding whose head matmul runs as row shards."""
 
 
 def use_cpu_streams(model: nn.Module, n: int | None = None, dense: bool = False) -> int:
@@ -170,14 +162,20 @@ def use_cpu_streams(model: nn.Module, n: int | None = None, dense: bool = False)
         return 0
     split = 0
     tied_head = "lm_head" not in model  # else the embedding is only looked up, never multiplied
-    kinds = _QUANTIZED + (_DENSE if dense else ())
-    heads = (_QUANTIZED_HEAD + (_DENSE_HEAD if dense else ())) if tied_head else ()
+    # MLX's class -> its split version (a second call re-shards the split ones, subclasses
+    # such as fused.DenseFriendlyQuantizedLinear included).
+    splittable = {nn.QuantizedLinear: ShardedQuantizedLinear}
+    if dense:
+        splittable[nn.Linear] = ShardedLinear
+    if tied_head:
+        splittable[nn.QuantizedEmbedding] = ShardedQuantizedEmbedding
+        if dense:
+            splittable[nn.Embedding] = ShardedEmbedding
+    already = tuple(splittable.values())
     for _, module in model.named_modules():
-        for plain, sharded in kinds + heads:
-            if isinstance(module, plain) and type(module) in (plain, sharded):
-                module.__class__ = sharded
-                break
-        else:
+        if type(module) in splittable:
+            module.__class__ = splittable[type(module)]
+        elif not isinstance(module, already):
             continue
         shards = _shards(module, n)
         object.__setattr__(module, "_row_shards", shards)
