@@ -25,7 +25,7 @@ from mlx_llama.config import ModelConfig
 from mlx_llama.errors import MlxLlamaError
 
 from .mapping import QUANT_PARTS, map_weights
-from .quantize import (QuantRecipe, QuantSpec, is_quantizable, plan_tensor, quantization_block,
+from .quantize import (QuantRecipe, QuantSpec, plan_tensor, quantization_block, requested_spec,
                        spec_from_block)
 from .safetensors_source import COPIED_FILES, COPIED_PATTERNS, INDEX_FILE, read_folder
 from .source import SourceModel
@@ -44,8 +44,8 @@ class Plan:
     tensors: list = field(default_factory=list)
     specs: dict[str, QuantSpec] = field(default_factory=dict)
     params: int = 0
-    # Matrices kept in float because their rows are not whole groups of the group size
-    # (as mlx-lm does); the summary says so, since the user asked for them quantized.
+    # Matrices the recipe asked to quantize, kept in float because their rows are not whole
+    # groups (quantize.plan_tensor); the summary says so.
     ungrouped: list[str] = field(default_factory=list)
 
     @property
@@ -234,7 +234,7 @@ def plan_tensors(
         plan.params += array.size
         spec = plan_tensor(name, tuple(array.shape), recipe) if recipe else None
         if spec is None:
-            if recipe and is_quantizable(name, array.shape) and array.shape[-1] % recipe.group_size:
+            if recipe and requested_spec(name, tuple(array.shape), recipe) is not None:
                 plan.ungrouped.append(module)
             plan.tensors.append((name, array))
             continue

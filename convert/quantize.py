@@ -141,20 +141,29 @@ def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
             and name[: -len(".weight")].rsplit(".", 1)[-1] in QUANTIZABLE_LEAVES)
 
 
-def plan_tensor(name: str, shape: tuple[int, ...], recipe: QuantRecipe) -> QuantSpec | None:
-    """How to quantize parameter `name` of `shape`, or None to keep it in float."""
+def requested_spec(name: str, shape: tuple[int, ...], recipe: QuantRecipe) -> QuantSpec | None:
+    """The format the recipe asks for parameter `name` (None: keep it in float), whether or
+    not its rows are whole groups of that format."""
     if not is_quantizable(name, shape):
         return None
     module = name[: -len(".weight")]
     if module in recipe.overrides:
         return recipe.overrides[module]
-    if shape[-1] % recipe.group_size:
-        return None
     if module in HIGH_PRECISION_MODULES:
         if recipe.embedding_bits is None:
             return None
         return QuantSpec(recipe.embedding_bits, recipe.group_size)
     return recipe.default
+
+
+def plan_tensor(name: str, shape: tuple[int, ...], recipe: QuantRecipe) -> QuantSpec | None:
+    """How to quantize parameter `name` of `shape`, or None to keep it in float: also when its
+    rows are not whole groups of the requested format (as mlx-lm does; `convert` says how
+    many matrices that kept in float)."""
+    spec = requested_spec(name, shape, recipe)
+    if spec is None or shape[-1] % spec.group_size:
+        return None
+    return spec
 
 
 def most_common(specs: dict[str, QuantSpec], fallback: QuantSpec) -> QuantSpec:
