@@ -326,3 +326,22 @@ def test_streamed_safetensors_of_strided_arrays(tmp_path):
     back = mx.load(str(tmp_path / "x.safetensors"))
     assert all(mx.array_equal(back[k], v).item() and back[k].dtype == v.dtype
                for k, v in arrays.items())
+
+
+def test_every_data_file_of_the_packages_is_installed():
+    """A wheel (a non-editable install) ships only the data files pyproject.toml lists: the
+    calibration text once went missing that way, and `--bpw` failed on installed copies."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    listed = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]
+    for package in ("mlx_llama", "convert"):
+        for path in (root / package).rglob("*"):
+            relative = path.relative_to(root / package).as_posix()
+            if path.is_dir() or path.suffix == ".py" or "__pycache__" in relative:
+                continue
+            patterns = listed.get(package, [])
+            assert any(fnmatch.fnmatch(relative, p) for p in patterns), (package, relative)
+    assert (root / "convert" / "data" / "calibration.txt").is_file()
