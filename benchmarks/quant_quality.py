@@ -1,13 +1,17 @@
 """Perplexity and bits per weight of 4-bit conversions: ours against mlx-lm, same text, same run.
 
     python benchmarks/quant_quality.py --src SMOLLM2_BF16_FOLDER --text tests/data/paragraph.txt
+    python benchmarks/docs_text.py /tmp/docs.txt && python benchmarks/quant_quality.py \
+        --src SMOLLM2_BF16_FOLDER --text tests/data/paragraph.txt benchmarks/data/prose.txt /tmp/docs.txt
 
 Rows: the float source; mlx-lm's `convert(quantize=True)` at group 64 and 32 (its default
 recipe: min/max 4-bit everywhere); our converter with min/max (the same recipe plus 8-bit
 embeddings); ours with calibration only (4-bit everywhere, activation-weighted scale search);
 ours under `--bpw` budgets (formats by measured sensitivity), with and without GPTQ. Perplexity is
 mlx_llama.perplexity over the whole text (windows of 512 tokens), bits per weight counts
-everything stored (codes, scales, biases, norms) per parameter of the source.
+everything stored (codes, scales, biases, norms) per parameter of the source. Several
+`--text` files give one column each: one short text ranks recipes by its own quirks
+(docs/quantization.md, "One paragraph cannot decide").
 """
 
 from __future__ import annotations
@@ -39,18 +43,23 @@ def ppl(folder: Path, tokens: list[int]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--src", type=Path, required=True)
-    p.add_argument("--text", type=Path, required=True)
+    p.add_argument("--text", type=Path, nargs="+", required=True)
     p.add_argument("--work", type=Path, default=Path("/tmp/quant_quality"))
-    p.add_argument("--only", default=None, help="comma-separated row names")
-    p.add_argument("--source-ppl", type=float, default=None,
-                   help="the source's perplexity, when already measured (skips that run)")
+    p.add_argument("--only", nargs="+", default=None,
+                   help="row names (as printed; some contain commas), one argument each")
+    p.add_argument("--source-ppl", type=float, nargs="+", default=None,
+                   help="the source's perplexity on each --text, when already measured "
+                   "(skips that run)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     from convert.api import convert
 
     from mlx_llama.tokenizer import load_tokenizer
 
-    text = load_tokenizer(args.src).encode(args.text.read_text())
+    tokenizer = load_tokenizer(args.src)
+    texts = {path.name: tokenizer.encode(path.read_text()) for path in args.text}
+    if args.source_ppl is not None and len(args.source_ppl) != len(texts):
+        p.error("give one --source-ppl per --text")
     args.work.mkdir(parents=True, exist_ok=True)
     rows = {
         "mlx-lm 4-bit g64": lambda o: _mlx_lm(args.src, o, 64),
@@ -66,10 +75,15 @@ def main() -> None:
         "ours --bpw 5.0 --method gptq": lambda o: convert(args.src, o, bpw=5.0, method="gptq",
                                                           force=True),
     }
-    wanted = args.only.split(",") if args.only else list(rows)
-    full = args.source_ppl or ppl(args.src, text)
+    wanted = args.only or list(rows)
+    unknown = set(wanted) - set(rows)
+    if unknown:
+        p.error(f"unknown rows {sorted(unknown)}: choose from {list(rows)}")
+    full = (dict(zip(texts, args.source_ppl)) if args.source_ppl
+            else {name: ppl(args.src, ids) for name, ids in texts.items()})
     results = [{"name": "source (float)", "ppl": full, "bpw": 16.0, "seconds": 0.0}]
-    print(f"{'source (float)':45s} ppl {full:.3f}", flush=True)
+    print(f"{'source (float)':45s} " + "  ".join(f"{t} {v:.3f}" for t, v in full.items()),
+          flush=True)
     for i, (name, make) in enumerate(rows.items()):
         if name not in wanted:
             continue
@@ -77,11 +91,12 @@ def main() -> None:
         start = time.perf_counter()
         make(out)
         seconds = time.perf_counter() - start
-        value = ppl(out, text)
+        values = {t: ppl(out, ids) for t, ids in texts.items()}
         bpw = stored_bpw(out, args.src)
-        results.append({"name": name, "ppl": value, "bpw": bpw, "seconds": seconds})
-        print(f"{name:45s} ppl {value:.3f} ({100 * (value / full - 1):+.1f}%)  {bpw:.3f} bpw  "
-              f"{seconds:.0f} s", flush=True)
+        results.append({"name": name, "ppl": values, "bpw": bpw, "seconds": seconds})
+        scores = "  ".join(f"{t} {v:.3f} ({100 * (v / full[t] - 1):+.1f}%)"
+                           for t, v in values.items())
+        print(f"{name:45s} {scores}  {bpw:.3f} bpw  {seconds:.0f} s", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

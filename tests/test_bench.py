@@ -156,3 +156,18 @@ def test_convert_speed_script_times_both_methods(tiny_checkpoints, capsys):
     assert set(times) == {"minmax", "search"}
     assert all(len(t) == 1 and t[0] > 0 for t in times.values())
     assert "search" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not Path("/usr/share/common-licenses/GPL-3").is_file(),
+                    reason="the docs text is built from a Debian/Ubuntu machine's GPL-3 copy")
+def test_docs_validation_text_keeps_to_its_token_limit():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import docs_text
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    words = lambda t: len(t.split())  # noqa: E731 - a stand-in tokenizer
+    text = docs_text.docs_text(words, limit=400)
+    assert 300 < words(text) <= 400
+    assert "subprocess" in text.lower()
+    assert docs_text.docs_text(words, limit=1500).startswith(text[:200])
