@@ -64,28 +64,14 @@ def row_slices(arrays: list[mx.array | None], n: int) -> list[list[mx.array | No
             for lo, hi in zip(bounds, bounds[1:])]
 
 
-def split_matmul(x: mx.array, shards, group_size: int, bits: int, mode: str) -> mx.array:
-    """x @ W.T with W given as (stream, weight, scales, biases) row shards; the first shard
-    (stream None) runs where the caller's graph runs."""
-
-    def part(w, scales, biases):
-        return mx.quantized_matmul(x, w, scales, biases, transpose=True,
-                                   group_size=group_size, bits=bits, mode=mode)
-
+def on_streams(part, shards) -> mx.array:
+    """`part(*arrays)` of each (stream, *arrays) row shard on its own stream, the outputs
+    concatenated; the first shard (stream None) runs where the caller's graph runs.
+    Differentiable: each shard's gradient is taken on its stream too."""
     outputs = [part(*shards[0][1:])]
-    for stream, *weights in shards[1:]:
+    for stream, *arrays in shards[1:]:
         with mx.stream(stream):
-            outputs.append(part(*weights))
-    return mx.concatenate(outputs, axis=-1)
-
-
-def split_dense(x: mx.array, shards) -> mx.array:
-    """x @ W.T with a float W given as (stream, weight) row shards (MLX's CPU matmul is one
-    thread too). Differentiable: each shard's gradient is taken on its own stream."""
-    outputs = [x @ shards[0][1].T]
-    for stream, w in shards[1:]:
-        with mx.stream(stream):
-            outputs.append(x @ w.T)
+            outputs.append(part(*arrays))
     return mx.concatenate(outputs, axis=-1)
 
 
@@ -104,10 +90,17 @@ def _shards(module: nn.Module, n: int):
 
 
 def _split(module: nn.Module, x: mx.array, shards) -> mx.array:
-    """x @ W.T for `module`'s row shards: the quantized kernel or the float matmul."""
+    """x @ W.T for `module`'s row shards: the quantized kernel (MLX's CPU matmul is one
+    thread, quantized or not) or the float matmul."""
     if "scales" in module:
-        return split_matmul(x, shards, module.group_size, module.bits, module.mode)
-    return split_dense(x, shards)
+        def part(w, scales, biases):
+            return mx.quantized_matmul(x, w, scales, biases, transpose=True,
+                                       group_size=module.group_size, bits=module.bits,
+                                       mode=module.mode)
+    else:
+        def part(w):
+            return x @ w.T
+    return on_streams(part, shards)
 
 
 class _SplitLinear:
