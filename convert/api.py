@@ -297,7 +297,7 @@ def describe(plan: Plan, recipe: QuantRecipe | None, config: dict, nbytes: int) 
             what += ", embeddings unquantized"
     else:
         what = f"unquantized ({config.get('torch_dtype') or config.get('dtype') or 'source dtype'})"
-    if plan.ungrouped and recipe is not None:
+    if plan.ungrouped:  # only filled under a recipe
         n = len(plan.ungrouped)
         what += (f"; {n} matri{'ces' if n > 1 else 'x'} kept in float: rows not whole groups of "
                  f"{recipe.group_size} (choose a --group-size that divides them)")
