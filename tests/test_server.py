@@ -91,6 +91,14 @@ class RunningServer:
             time.sleep(0.01)
         raise AssertionError(f"no worker record for {request_id}")
 
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until the worker has filed its last job: a client has its whole answer a
+        moment before the worker releases memory and files the record."""
+        deadline = time.time() + timeout
+        while self.worker.busy or self.worker.waiting:
+            assert time.time() < deadline, "the worker did not become idle"
+            time.sleep(0.005)
+
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
@@ -290,9 +298,11 @@ def _request(server, i: int):
 
 def test_four_concurrent_clients_match_sequential(server):
     sequential = [_request(server, i) for i in range(4)]
+    server.wait_idle()
     first = len(server.worker.records)
     with ThreadPoolExecutor(4) as pool:
         concurrent = list(pool.map(lambda i: _request(server, i), range(4)))
+    server.wait_idle()
     assert concurrent == sequential
     for i, (_, finish, n) in enumerate(concurrent):
         assert finish == "length" and n == 12 + 3 * i
@@ -358,22 +368,37 @@ def test_non_streamed_disconnect_cancels(server):
 
 def test_full_queue_gets_429_with_retry_after(server, http):
     body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hold the line."}],
-            "max_tokens": 6000, "temperature": 0, "stream": True, "logit_bias": NO_EOS}
+            "max_tokens": 20, "temperature": 0, "stream": True, "logit_bias": NO_EOS}
+    # The running job is held at its start until the refusal is seen: a job left to run
+    # could finish first on a loaded machine, and the third request would then fit.
+    gate, held = threading.Event(), threading.Event()
+    run = server.worker._run
+
+    def held_run(job, record):
+        held.set()
+        gate.wait(30)
+        return run(job, record)
+
     saved = server.worker.max_queue
     server.worker.max_queue = 1
+    server.worker._run = held_run
     try:
-        with http.stream("POST", "/v1/chat/completions", json=body) as running, \
-                http.stream("POST", "/v1/chat/completions", json=body) as queued:
-            assert running.status_code == queued.status_code == 200
-            _wait_for(lambda: server.worker.waiting == 1)
-            refused = http.post("/v1/chat/completions", json={**body, "stream": False})
-            assert refused.status_code == 429
-            assert int(refused.headers["Retry-After"]) >= 1
-            error = refused.json()["error"]
-            assert error["code"] == "rate_limit_exceeded" and error["message"]
+        with http.stream("POST", "/v1/chat/completions", json=body) as running:
+            assert held.wait(10)
+            with http.stream("POST", "/v1/chat/completions", json=body) as queued:
+                assert running.status_code == queued.status_code == 200
+                assert server.worker.waiting == 1
+                refused = http.post("/v1/chat/completions", json={**body, "stream": False})
+                assert refused.status_code == 429
+                assert int(refused.headers["Retry-After"]) >= 1
+                error = refused.json()["error"]
+                assert error["code"] == "rate_limit_exceeded" and error["message"]
+                gate.set()
     finally:
+        gate.set()
+        del server.worker._run
         server.worker.max_queue = saved
-    _wait_for(lambda: not server.worker.busy and server.worker.waiting == 0)
+    server.wait_idle()
     ok = http.post("/v1/completions", json={"model": MODEL_ID, "prompt": "ok", "max_tokens": 2})
     assert ok.status_code == 200
 
@@ -552,7 +577,7 @@ def test_server_survives_random_malformed_requests(server, http):
         assert 400 <= response.status_code < 500, response.text
     assert 400 in statuses and valid < 50
     assert chat(client, "Still there?", **kw).choices[0].message.content == before
-    assert not server.worker.busy and server.worker.waiting == 0
+    server.wait_idle()  # nothing left running or queued by the bad requests
 
 
 # ------------------------------------------------------------------------------------------
