@@ -30,6 +30,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mlx_llama.errors import MlxLlamaError
 
@@ -50,30 +51,40 @@ class Calibration:
     lookup: mx.array | None = None  # (hidden,) mean squared gradient at the embedding output
     tokens: int = 0
     nll: float = 0.0  # mean NLL of the full-precision model on the text (nats per token)
-    # With covariance=True: E[x x^T] of each distinct linear input (in, in), keyed by the
-    # module that owns it (see SHARED_INPUT; `covariance(module)` resolves the sharing).
-    covariances: dict[str, mx.array] = field(default_factory=dict)
-    # The same over the even-numbered windows only (`half_tokens` tokens): with the rest, two
-    # disjoint halves of the text, so that GPTQ can be fitted on one and judged on the other.
-    half_covariances: dict[str, mx.array] = field(default_factory=dict)
-    half_tokens: int = 0
+    # With covariance=True: the input rows x of each distinct linear input and of the head
+    # (float32, (tokens, in)), keyed by the module that owns it (see SHARED_INPUT), the
+    # even-numbered windows' rows and the odd ones' apart: two disjoint halves of the text, so
+    # that GPTQ can be fitted on one and judged on the other. Rows, not E[x x^T]: calibration
+    # reads at most a few hundred tokens, fewer than a layer has inputs, so the rows take less
+    # memory than the (in, in) covariance (a 1B model's down_proj: 16 MB against 268 MB), and
+    # each covariance is formed only while its layer is quantized (`covariance`).
+    rows: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def owner(self, module: str) -> str:
         """The module whose input `module` reads (itself unless SHARED_INPUT says otherwise)."""
         parent, _, leaf = module.rpartition(".")
         return f"{parent}.{SHARED_INPUT[leaf]}" if leaf in SHARED_INPUT else module
 
-    def covariance(self, module: str) -> mx.array | None:
-        """E[x x^T] of `module`'s input, or None when it was not recorded."""
-        return self.covariances.get(self.owner(module))
+    def has_covariance(self, module: str) -> bool:
+        return self.owner(module) in self.rows
 
-    def covariance_halves(self, module: str) -> tuple[mx.array, mx.array] | None:
-        """E[x x^T] of `module`'s input on each half of the text (even windows, odd windows)."""
-        a = self.half_covariances.get(self.owner(module))
-        if a is None:
+    def covariance(self, module: str) -> np.ndarray | None:
+        """E[x x^T] of `module`'s input (float32, (in, in)), or None when it was not recorded."""
+        if not self.has_covariance(module):
             return None
-        rest = self.tokens - self.half_tokens
-        return a, (self.covariance(module) * self.tokens - a * self.half_tokens) / rest
+        even, odd = self.rows[self.owner(module)]
+        return (even.T @ even + odd.T @ odd) / (len(even) + len(odd))
+
+    def covariance_halves(self, module: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """E[x x^T] of `module`'s input on each half of the text (even windows, odd windows)."""
+        if not self.has_covariance(module):
+            return None
+        return tuple(x.T @ x / len(x) for x in self.rows[self.owner(module)])
+
+    @property
+    def half_tokens(self) -> int:
+        """Tokens in the even-numbered windows (the first half of `covariance_halves`)."""
+        return len(next(iter(self.rows.values()))[0]) if self.rows else 0
 
 
 def read_calibration_text(spec: str | Path) -> str:
@@ -111,7 +122,7 @@ class _Probe(nn.Module):
         self._ctx["sq_inputs"][self._name] = (xs * xs).sum(axis=(0, 1))
         if self._ctx.get("covariance") and self._name.rsplit(".", 1)[-1] not in SHARED_INPUT:
             flat = xs.reshape(-1, xs.shape[-1])
-            self._ctx["cov_inputs"][self._name] = flat.T @ flat
+            self._ctx["cov_inputs"][self._name] = flat
         return self.inner(x) + self._ctx["probes"][self._name]
 
 
@@ -136,10 +147,10 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
               max_tokens: int = DEFAULT_MAX_TOKENS, covariance: bool = False) -> Calibration:
     """Run `model` (an mlx_llama Llama, float) over `tokens` and collect the statistics.
 
-    covariance: also record E[x x^T] of every distinct linear input of the decoder layers and
-    of the output head (what GPTQ needs: one (in, in) float32 matrix per distinct input), on
-    the whole text and on its even-numbered windows (the text is cut into two windows at
-    least, so that both halves exist).
+    covariance: also keep the input rows of every distinct linear input of the decoder layers
+    and of the output head (what GPTQ's covariances are made of, `Calibration.rows`), those of
+    the even-numbered windows apart (the text is cut into two windows at least, so that both
+    halves exist).
     """
     tokens = list(tokens)[:max_tokens]
     if len(tokens) < 16:
@@ -152,9 +163,7 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
     ctx: dict = {"probes": {}, "sq_inputs": {}, "covariance": covariance, "cov_inputs": {}}
     wrapped = _wrap(model, ctx)
     sums_in: dict[str, mx.array] = {}
-    sums_cov: dict[str, mx.array] = {}
-    half_cov: dict[str, mx.array] = {}
-    half_tokens = 0
+    rows: dict[str, tuple[list, list]] = {}  # owner -> (even windows' rows, odd windows')
     sums_out: dict[str, mx.array] = {}
     lookup = mx.zeros((cfg.hidden_size,), mx.float32)
     total_nll = 0.0
@@ -180,7 +189,7 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
                 ctx["sq_inputs"][head] = (hs * hs).sum(axis=(0, 1))
                 if covariance:
                     flat = hs.reshape(-1, hs.shape[-1])
-                    ctx["cov_inputs"][head] = flat.T @ flat
+                    ctx["cov_inputs"][head] = flat
                 logits = model.project(h).astype(mx.float32) + probes[head]
                 return nn.losses.cross_entropy(logits, tgt, reduction="sum")
 
@@ -193,14 +202,11 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
                     sums_out[name] = sums_out.get(name, 0) + sq
             for name, sq in ctx["sq_inputs"].items():
                 sums_in[name] = sums_in.get(name, 0) + sq
-            for name, cov in ctx["cov_inputs"].items():
-                sums_cov[name] = sums_cov.get(name, 0) + cov
-                if index % 2 == 0:
-                    half_cov[name] = half_cov.get(name, 0) + cov
-            mx.eval(loss, lookup, sums_in, sums_out, sums_cov, half_cov)
+            mx.eval(loss, lookup, sums_in, sums_out, ctx["cov_inputs"])
+            for name, x in ctx["cov_inputs"].items():
+                rows.setdefault(name, ([], []))[index % 2].append(np.array(x))
             total_nll += loss.item()
             counted += length
-            half_tokens += length if index % 2 == 0 else 0
     finally:
         for parent, leaf, probe in wrapped:
             setattr(parent, leaf, probe.inner)
@@ -211,9 +217,7 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
         lookup=lookup / counted,
         tokens=counted,
         nll=total_nll / counted,
-        covariances={k: v / counted for k, v in sums_cov.items()},
-        half_covariances={k: v / half_tokens for k, v in half_cov.items()},
-        half_tokens=half_tokens,
+        rows={k: tuple(np.concatenate(part) for part in v) for k, v in rows.items()},
     )
 
 

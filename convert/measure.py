@@ -92,8 +92,7 @@ def prepare_recipe(
     counts = mx.zeros((cfg.vocab_size,), mx.float32).at[seen].add(1.0)
     recipe.importance = channel_importance(cal, cfg, counts)
     if gptq:
-        recipe.covariances = {m: cal.covariance(m) for m in cal.inputs
-                              if cal.covariance(m) is not None}
+        recipe.gptq_inputs = cal
     if recipe.bpw is not None:
         params = dict(tree_flatten(model.parameters()))
         del model
@@ -166,7 +165,7 @@ def choose_formats(recipe: QuantRecipe, params: dict[str, mx.array], cal: Calibr
         factors = cost_factors(module, cal, counts, tied)
         importance = recipe.importance.get(module)
         pair = None
-        if gptq and module in recipe.covariances:
+        if gptq and recipe.gptq_covers(module):
             if halves is None or halves[0] != cal.owner(module):
                 halves = (cal.owner(module), gptq_halves(cal, module))
             pair = halves[1]

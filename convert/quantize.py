@@ -22,7 +22,7 @@ Every choice that differs from the default is recorded per layer in the config's
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -38,6 +38,8 @@ QUANTIZABLE_LEAVES = (
     "embed_tokens", "lm_head",
 )
 HIGH_PRECISION_MODULES = ("model.embed_tokens", "lm_head")
+# GPTQ: how many distinct inputs' covariances (and inverse factors) a recipe holds at once.
+HELD_INPUTS = 2
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,10 @@ class QuantRecipe:
     # Filled in by prepare_recipe: per-module formats and error weights.
     overrides: dict[str, QuantSpec] = field(default_factory=dict)
     importance: dict[str, object] = field(default_factory=dict)
-    covariances: dict[str, object] = field(default_factory=dict)  # module -> E[x x^T] (gptq)
-    factors: dict[int, object] = field(default_factory=dict)  # id(covariance) -> its U (gptq)
+    # gptq: the calibration whose input rows give each layer's covariance (calibrate.py), and
+    # the (H, U) of the last HELD_INPUTS distinct inputs, formed when a layer needs them.
+    gptq_inputs: object | None = None
+    held: OrderedDict = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         for label, value in (("--bits", self.bits), ("--embeddings-bits", self.embedding_bits)):
@@ -108,31 +112,47 @@ class QuantRecipe:
         importance = self.importance.get(module)
         if self.method == "minmax" or (self.method == "auto" and importance is None):
             return mx.quantize(w, group_size=spec.group_size, bits=spec.bits)
-        cov = self.covariances.get(module)
-        if self.method == "gptq" and cov is not None:
-            return self.gptq(w, spec.bits, spec.group_size, cov, importance)
+        if self.method == "gptq" and self.gptq_covers(module):
+            return self.gptq(module, w, spec.bits, spec.group_size, importance)
         from .affine import quantize_search  # numba loads only for conversions that search
 
         return quantize_search(w, spec.bits, spec.group_size, importance)
 
-    def factor(self, cov):
-        """gptq.inverse_factor of `cov` (float32), computed once per distinct input."""
-        if id(cov) not in self.factors:
-            import numpy as np
+    def gptq_covers(self, module: str) -> bool:
+        """Whether calibration measured `module`'s inputs (what GPTQ needs)."""
+        return self.gptq_inputs is not None and self.gptq_inputs.has_covariance(module)
 
-            from .gptq import inverse_factor
+    def covariance_and_factor(self, module: str):
+        """(H, U) of `module`'s input: the covariance and its gptq.inverse_factor (float32).
 
-            self.factors[id(cov)] = inverse_factor(np.array(cov)).astype(np.float32)
-        return self.factors[id(cov)]
+        Formed on demand and kept for the last HELD_INPUTS distinct inputs only: the tensors
+        of a layer arrive together (q, k, v share an input, gate and up another), so each is
+        formed about once, and the memory held is a few (in, in) matrices, not one per input
+        of the model (a 1B model's would be several GB).
+        """
+        import numpy as np
 
-    def gptq(self, w: mx.array, bits: int, group_size: int, cov, importance):
-        """GPTQ with the covariance's inverse factor computed once per distinct input."""
+        from .gptq import inverse_factor
+
+        owner = self.gptq_inputs.owner(module)
+        if owner in self.held:
+            self.held.move_to_end(owner)
+        else:
+            h = self.gptq_inputs.covariance(module)
+            self.held[owner] = (h, inverse_factor(h).astype(np.float32))
+            while len(self.held) > HELD_INPUTS:
+                self.held.popitem(last=False)
+        return self.held[owner]
+
+    def gptq(self, module: str, w: mx.array, bits: int, group_size: int, importance):
+        """GPTQ on `module`'s weight `w`, with its input's covariance and inverse factor."""
         from .gptq import gptq_quantize
 
+        cov, factor = self.covariance_and_factor(module)
         # The group search's weights: the linear layers' per-channel ones; for the tied
         # embedding (rank-2 weights) the covariance's diagonal, gptq_quantize's default.
         cols = None if importance is None else importance.channels
-        return gptq_quantize(w, bits, group_size, cov, cols, factor=self.factor(cov))
+        return gptq_quantize(w, bits, group_size, cov, cols, factor=factor)
 
 
 def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:

@@ -20,6 +20,7 @@ import pytest
 from convert.affine import pack_codes, quantize_search, reconstruction_error
 from convert.api import convert
 from convert.gptq import gptq_quantize, output_error
+from convert.quantize import QuantSpec
 from convert.sensitivity import allocate
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.loading import load
@@ -164,6 +165,25 @@ def test_a_row_length_that_is_not_whole_groups_is_refused():
     assert gptq_quantize(w, 5, 64, cov)[1].shape == (8, 9)
 
 
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    from convert.gptq import DAMP, inverse_factor, shrunk
+
+    rng = np.random.default_rng(11)
+    for n in (96, 300):  # one block, and several levels of lower_inverse's halving
+        x = rng.normal(size=(n // 2, n)) * rng.gamma(1.0, size=n)
+        x[:, 7] = 0  # a channel that never carries a signal
+        cov = (x.T @ x / len(x)).astype(np.float32)
+        u = inverse_factor(cov)
+        assert np.array_equal(u, np.triu(u)) and u.flags.c_contiguous
+        h = shrunk(cov).astype(np.float64)
+        h[7, :] = h[:, 7] = 0
+        h[7, 7] = 1
+        h[np.diag_indices(n)] += DAMP * np.mean(np.diag(h))
+        np.testing.assert_allclose(u.T @ u @ h, np.eye(n), atol=1e-8)
+        np.testing.assert_allclose(u, np.linalg.cholesky(np.linalg.inv(h)).T, rtol=1e-8,
+                                   atol=1e-10)
+
+
 def test_gptq_rows_are_independent():
     """Measuring a sample of rows (sensitivity.py) gives exactly those rows of the result."""
     w, cov = _correlated_layer(7)
@@ -172,6 +192,42 @@ def test_gptq_rows_are_independent():
     part = gptq_quantize(w[idx], 4, 64, cov)
     for a, b in zip(full, part):
         assert mx.array_equal(a[idx], b).item()
+
+
+def test_recipe_forms_covariances_from_rows_on_demand_and_holds_two():
+    """GPTQ's covariances are formed from calibration's input rows when a layer needs them
+    and only the last HELD_INPUTS are kept, whatever the number of layers: the conversion's
+    memory does not grow with one (in, in) matrix per input of the model."""
+    from convert.calibrate import Calibration
+    from convert.quantize import HELD_INPUTS, QuantRecipe
+
+    rng = np.random.default_rng(5)
+    cols = 128
+    rows = {}
+    for layer in range(3):
+        for owner in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj"):
+            x = rng.normal(size=(96, cols)) * rng.gamma(1.0, size=cols)
+            rows[f"model.layers.{layer}.{owner}"] = (x[:40].astype(np.float32),
+                                                     x[40:].astype(np.float32))
+    cal = Calibration(tokens=96, rows=rows)
+    recipe = QuantRecipe(method="gptq", gptq_inputs=cal)
+    formed = []
+    covariance = cal.covariance
+    cal.covariance = lambda m: formed.append(cal.owner(m)) or covariance(m)
+    w = mx.array(rng.normal(size=(16, cols)).astype(np.float32))
+    order = ["mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+             "self_attn.q_proj", "self_attn.v_proj"]  # a checkpoint's (sorted) order
+    for layer in range(3):
+        for leaf in order:
+            module = f"model.layers.{layer}.{leaf}"
+            assert recipe.gptq_covers(module)
+            got = recipe.quantize(module, w, QuantSpec(4, 64))
+            assert len(recipe.held) <= HELD_INPUTS
+            want = gptq_quantize(w, 4, 64, covariance(module))
+            for a, b in zip(got, want):
+                assert mx.array_equal(a, b).item(), module
+    assert sorted(formed) == sorted(rows)  # each input formed once
+    assert not recipe.gptq_covers("model.layers.0.mlp.down_proj")
 
 
 def test_gptq_cost_is_priced_on_the_half_it_was_not_fitted_to():
@@ -291,15 +347,22 @@ def test_calibration_covariances_match_the_mean_squares(trained):
     for module, h in cal.inputs.items():  # every linear input and the head's
         cov = cal.covariance(module)
         assert cov.shape == (h.shape[0], h.shape[0])
-        assert mx.allclose(mx.diag(cov), h, rtol=1e-4, atol=1e-6).item(), module
+        np.testing.assert_allclose(np.diag(cov), np.array(h), rtol=1e-4, atol=1e-6,
+                                   err_msg=module)
+    # Kept as input rows, fewer than the inputs (what makes it smaller than a covariance).
+    even, odd = cal.rows["model.layers.0.mlp.down_proj"]
+    assert len(even) + len(odd) == cal.tokens == 127  # 128 tokens: 127 with a next one
+    assert even.shape[1] == cal.inputs["model.layers.0.mlp.down_proj"].shape[0]
     layer = "model.layers.1.self_attn"
-    assert cal.covariance(f"{layer}.k_proj") is cal.covariance(f"{layer}.q_proj")
+    assert f"{layer}.k_proj" not in cal.rows  # k reads q's input: kept once
+    np.testing.assert_array_equal(cal.covariance(f"{layer}.k_proj"),
+                                  cal.covariance(f"{layer}.q_proj"))
     # Two disjoint halves of the text (even and odd windows) that add up to the whole.
     a, b = cal.covariance_halves(f"{layer}.v_proj")
     assert 0 < cal.half_tokens < cal.tokens
     whole = (a * cal.half_tokens + b * (cal.tokens - cal.half_tokens)) / cal.tokens
-    assert mx.allclose(whole, cal.covariance(f"{layer}.q_proj"), rtol=1e-4, atol=1e-6).item()
-    assert not mx.allclose(a, b, rtol=0.05).item()
+    np.testing.assert_allclose(whole, cal.covariance(f"{layer}.q_proj"), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(a, b, rtol=0.05)
     # A text shorter than two windows is cut in two all the same.
     short = calibrate(model, tokenizer.encode(text_path.read_text()), window=64, max_tokens=64,
                       covariance=True)
