@@ -40,6 +40,10 @@ LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 DEFAULT_WINDOW = 256
 DEFAULT_MAX_TOKENS = 512
+# GPTQ: the output head's input rows come from this many tokens, the ones past max_tokens run
+# forward only. The head's covariance is the noisiest (two halves of 512 tokens priced its
+# error 3x apart) and the cheapest to widen: no gradient, no logits, 576-2048 floats a token.
+DEFAULT_HEAD_TOKENS = 2048
 
 
 @dataclass
@@ -55,9 +59,9 @@ class Calibration:
     # (float32, (tokens, in)), keyed by the module that owns it (see SHARED_INPUT), the
     # even-numbered windows' rows and the odd ones' apart: two disjoint halves of the text, so
     # that GPTQ can be fitted on one and judged on the other. Rows, not E[x x^T]: calibration
-    # reads at most a few hundred tokens, fewer than a layer has inputs, so the rows take less
-    # memory than the (in, in) covariance (a 1B model's down_proj: 16 MB against 268 MB), and
-    # each covariance is formed only while its layer is quantized (`covariance`).
+    # reads 512 tokens (the head 2048), about as many as a layer has inputs or fewer, so the
+    # rows take no more memory than the (in, in) covariances (a 1B model's down_proj: 16 MB
+    # against 268 MB), and each covariance is formed only while its layer is quantized.
     rows: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def owner(self, module: str) -> str:
@@ -144,14 +148,16 @@ def _wrap(model: nn.Module, ctx: dict) -> list[tuple[nn.Module, str, _Probe]]:
 
 
 def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
-              max_tokens: int = DEFAULT_MAX_TOKENS, covariance: bool = False) -> Calibration:
+              max_tokens: int = DEFAULT_MAX_TOKENS, covariance: bool = False,
+              head_tokens: int = DEFAULT_HEAD_TOKENS) -> Calibration:
     """Run `model` (an mlx_llama Llama, float) over `tokens` and collect the statistics.
 
     covariance: also keep the input rows of every distinct linear input of the decoder layers
     and of the output head (what GPTQ's covariances are made of, `Calibration.rows`), those of
     the even-numbered windows apart (the text is cut into two windows at least, so that both
-    halves exist).
+    halves exist); the head's rows also from the text past `max_tokens`, up to `head_tokens`.
     """
+    extra = list(tokens)[max_tokens:head_tokens]  # the head's rows only, forward only
     tokens = list(tokens)[:max_tokens]
     if len(tokens) < 16:
         raise MlxLlamaError("the calibration text has fewer than 16 tokens: give a longer text")
@@ -210,6 +216,10 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
     finally:
         for parent, leaf, probe in wrapped:
             setattr(parent, leaf, probe.inner)
+    if covariance:
+        for offset in range(0, len(extra) - 1, window):
+            index += 1  # the windows' even / odd alternation goes on
+            rows[head][index % 2].append(_head_rows(model, extra[offset : offset + window]))
     # Inputs are counted per position fed; outputs and NLL per position with a target (same).
     return Calibration(
         inputs={k: v / counted for k, v in sums_in.items()},
@@ -219,6 +229,14 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
         nll=total_nll / counted,
         rows={k: tuple(np.concatenate(part) for part in v) for k, v in rows.items()},
     )
+
+
+def _head_rows(model, ids: list[int]) -> np.ndarray:
+    """The output head's input (the final norm's output) at each of `ids`, float32."""
+    h = model.model.embed_tokens(mx.array(ids, dtype=mx.int32)[None])
+    for layer in model.model.layers:
+        h = layer(h)
+    return np.array(model.model.norm(h).astype(mx.float32)[0])
 
 
 def _zero_probes(wrapped, cfg, length: int, head: str) -> dict[str, mx.array]:

@@ -341,8 +341,8 @@ def test_calibration_covariances_match_the_mean_squares(trained):
     cfg = ModelConfig.from_dict(source.config)
     model = source_model(map_weights(source.weights, cfg), cfg)
     _, tokenizer = load(folder)
-    cal = calibrate(model, tokenizer.encode(text_path.read_text()), window=64, max_tokens=128,
-                    covariance=True)
+    ids = tokenizer.encode(text_path.read_text())
+    cal = calibrate(model, ids, window=64, max_tokens=128, covariance=True, head_tokens=128)
     assert set(cal.inputs) >= {"lm_head", "model.layers.0.mlp.down_proj"}
     for module, h in cal.inputs.items():  # every linear input and the head's
         cov = cal.covariance(module)
@@ -363,6 +363,17 @@ def test_calibration_covariances_match_the_mean_squares(trained):
     whole = (a * cal.half_tokens + b * (cal.tokens - cal.half_tokens)) / cal.tokens
     np.testing.assert_allclose(whole, cal.covariance(f"{layer}.q_proj"), rtol=1e-4, atol=1e-6)
     assert not np.allclose(a, b, rtol=0.05)
+    # The head's rows go on past max_tokens (forward only); nothing else changes.
+    wide = calibrate(model, ids, window=64, max_tokens=128, covariance=True, head_tokens=256)
+    assert len(ids) > 256
+    for owner, (even, odd) in cal.rows.items():
+        w_even, w_odd = wide.rows[owner]
+        if owner == "lm_head":  # windows 2 and 3 (64 tokens each): one more to each half
+            assert (len(w_even), len(w_odd)) == (len(even) + 64, len(odd) + 64)
+            w_even, w_odd = w_even[: len(even)], w_odd[: len(odd)]
+        np.testing.assert_allclose(w_even, even, rtol=1e-5, atol=1e-6, err_msg=owner)
+        np.testing.assert_allclose(w_odd, odd, rtol=1e-5, atol=1e-6, err_msg=owner)
+    assert wide.tokens == cal.tokens
     # A text shorter than two windows is cut in two all the same.
     short = calibrate(model, tokenizer.encode(text_path.read_text()), window=64, max_tokens=64,
                       covariance=True)
