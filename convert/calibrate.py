@@ -85,11 +85,6 @@ class Calibration:
             return None
         return tuple(x.T @ x / len(x) for x in self.rows[self.owner(module)])
 
-    @property
-    def half_tokens(self) -> int:
-        """Tokens in the even-numbered windows (the first half of `covariance_halves`)."""
-        return len(next(iter(self.rows.values()))[0]) if self.rows else 0
-
 
 def read_calibration_text(spec: str | Path) -> str:
     """`builtin` -> the shipped text; anything else is a path to a UTF-8 text file."""
@@ -219,7 +214,8 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
     if covariance:
         for offset in range(0, len(extra) - 1, window):
             index += 1  # the windows' even / odd alternation goes on
-            rows[head][index % 2].append(_head_rows(model, extra[offset : offset + window]))
+            ids = mx.array(extra[offset : offset + window], dtype=mx.int32)[None]
+            rows[head][index % 2].append(np.array(model.model(ids).astype(mx.float32)[0]))
     # Inputs are counted per position fed; outputs and NLL per position with a target (same).
     return Calibration(
         inputs={k: v / counted for k, v in sums_in.items()},
@@ -229,14 +225,6 @@ def calibrate(model, tokens: list[int], window: int = DEFAULT_WINDOW,
         nll=total_nll / counted,
         rows={k: tuple(np.concatenate(part) for part in v) for k, v in rows.items()},
     )
-
-
-def _head_rows(model, ids: list[int]) -> np.ndarray:
-    """The output head's input (the final norm's output) at each of `ids`, float32."""
-    h = model.model.embed_tokens(mx.array(ids, dtype=mx.int32)[None])
-    for layer in model.model.layers:
-        h = layer(h)
-    return np.array(model.model.norm(h).astype(mx.float32)[0])
 
 
 def _zero_probes(wrapped, cfg, length: int, head: str) -> dict[str, mx.array]:

@@ -71,6 +71,11 @@ def inverse_factor(cov: np.ndarray, damp: float = DAMP, shrink: float = SHRINK) 
     return np.ascontiguousarray(lower_inverse(low)[::-1, ::-1])
 
 
+def with_factor(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H, U): the covariance and its inverse factor in float32, what gptq_quantize reads."""
+    return cov, inverse_factor(cov).astype(np.float32)
+
+
 def lower_inverse(m: np.ndarray) -> np.ndarray:
     """The inverse of the lower-triangular `m`, by halves: [[A, 0], [B, C]]^-1 is
     [[A^-1, 0], [-C^-1 B A^-1, C^-1]], so the work is matrix products (numpy has no

@@ -184,12 +184,9 @@ def choose_formats(recipe: QuantRecipe, params: dict[str, mx.array], cal: Calibr
 def gptq_halves(cal: Calibration, module: str):
     """((H_a, U_a), (H_b, U_b)): `module`'s input covariance on each half of the calibration
     text, with its GPTQ inverse factor (what format_cost fits on one half, prices on the other)."""
-    import numpy as np
+    from .gptq import with_factor
 
-    from .gptq import inverse_factor
-
-    return tuple((np.array(h), inverse_factor(np.array(h)).astype(np.float32))
-                 for h in cal.covariance_halves(module))
+    return tuple(with_factor(h) for h in cal.covariance_halves(module))
 
 
 def describe_choice(overrides: dict[str, QuantSpec]) -> str:

@@ -130,16 +130,13 @@ class QuantRecipe:
         formed about once, and the memory held is a few (in, in) matrices, not one per input
         of the model (a 1B model's would be several GB).
         """
-        import numpy as np
-
-        from .gptq import inverse_factor
+        from .gptq import with_factor
 
         owner = self.gptq_inputs.owner(module)
         if owner in self.held:
             self.held.move_to_end(owner)
         else:
-            h = self.gptq_inputs.covariance(module)
-            self.held[owner] = (h, inverse_factor(h).astype(np.float32))
+            self.held[owner] = with_factor(self.gptq_inputs.covariance(module))
             while len(self.held) > HELD_INPUTS:
                 self.held.popitem(last=False)
         return self.held[owner]

@@ -359,8 +359,9 @@ def test_calibration_covariances_match_the_mean_squares(trained):
                                   cal.covariance(f"{layer}.q_proj"))
     # Two disjoint halves of the text (even and odd windows) that add up to the whole.
     a, b = cal.covariance_halves(f"{layer}.v_proj")
-    assert 0 < cal.half_tokens < cal.tokens
-    whole = (a * cal.half_tokens + b * (cal.tokens - cal.half_tokens)) / cal.tokens
+    half = len(cal.rows[f"{layer}.q_proj"][0])  # tokens in the even windows
+    assert 0 < half < cal.tokens
+    whole = (a * half + b * (cal.tokens - half)) / cal.tokens
     np.testing.assert_allclose(whole, cal.covariance(f"{layer}.q_proj"), rtol=1e-4, atol=1e-6)
     assert not np.allclose(a, b, rtol=0.05)
     # The head's rows go on past max_tokens (forward only); nothing else changes.
@@ -374,10 +375,18 @@ def test_calibration_covariances_match_the_mean_squares(trained):
         np.testing.assert_allclose(w_even, even, rtol=1e-5, atol=1e-6, err_msg=owner)
         np.testing.assert_allclose(w_odd, odd, rtol=1e-5, atol=1e-6, err_msg=owner)
     assert wide.tokens == cal.tokens
+    # The extra rows are the head's input at those tokens, as the graded pass would give it.
+    graded = calibrate(model, ids, window=64, max_tokens=256, covariance=True, head_tokens=256)
+    (w_even, w_odd), (g_even, g_odd) = wide.rows["lm_head"], graded.rows["lm_head"]
+    np.testing.assert_allclose(w_even, g_even, rtol=1e-4, atol=1e-5)  # tokens 0-63, 128-191
+    # Odd windows: tokens 64-126 (127 has no next token in the 128 graded), then 192-254.
+    np.testing.assert_allclose(w_odd[:63], g_odd[:63], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(w_odd[63:126], g_odd[64:127], rtol=1e-4, atol=1e-5)
     # A text shorter than two windows is cut in two all the same.
     short = calibrate(model, tokenizer.encode(text_path.read_text()), window=64, max_tokens=64,
                       covariance=True)
-    assert 0 < short.half_tokens < short.tokens
+    short_half = len(short.rows[f"{layer}.q_proj"][0])
+    assert 0 < short_half < short.tokens
 
 
 def test_mixed_precision_folder_loads_in_mlx_lm_with_our_logits(trained, conversions):
