@@ -158,6 +158,25 @@ def test_convert_speed_script_times_both_methods(tiny_checkpoints, capsys):
     assert "search" in capsys.readouterr().out
 
 
+def test_ppl_interval_script_brackets_the_change(tiny_checkpoints, quantized_tiny, paragraph,
+                                                 tmp_path, capsys):
+    """benchmarks/ppl_interval.py on a tiny float model and its 4-bit conversion."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import ppl_interval
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    text = tmp_path / "text.txt"
+    text.write_text(paragraph)
+    out = ppl_interval.main(["--src", str(tiny_checkpoints["gqa"]), "--quant",
+                             str(quantized_tiny), "--text", str(text)])
+    change, lo, hi = out["text.txt"]
+    assert lo < hi and lo <= change <= hi
+    assert "95% interval" in capsys.readouterr().out
+    import numpy as np
+    assert ppl_interval.interval(np.full(50, 0.02)) == pytest.approx((np.expm1(0.02),) * 2)
+
+
 @pytest.mark.skipif(not Path("/usr/share/common-licenses/GPL-3").is_file(),
                     reason="the docs text is built from a Debian/Ubuntu machine's GPL-3 copy")
 def test_docs_validation_text_keeps_to_its_token_limit():
