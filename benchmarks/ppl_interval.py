@@ -5,8 +5,9 @@ float source, with a bootstrap interval of the perplexity ratio and the share of
 
 A recipe's "+2.0%" on a 246-token paragraph is the mean of 245 per-token differences, a few of
 which carry much of it; the interval says which differences between recipes that text can rank
-(docs/quantization.md). Tokens are encoded once, by the source's tokenizer, as in
-quant_quality.py.
+(docs/quantization.md). The interval is mlx_llama.perplexity's own standard error (the delta
+method, `summarize`) applied to the paired differences, so it is as narrow as pairing makes it.
+Tokens are encoded once, by the source's tokenizer, as in quant_quality.py.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from pathlib import Path
 import numpy as np
 
 
-def interval(delta: np.ndarray, rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval (over tokens) of exp(mean delta) - 1, the perplexity change."""
-    rng = np.random.default_rng(seed)
-    means = np.array([delta[rng.integers(0, len(delta), len(delta))].mean()
-                      for _ in range(rounds)])
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(np.expm1(lo)), float(np.expm1(hi))
+def interval(delta: np.ndarray) -> tuple[float, float, float]:
+    """(change, low, high): the perplexity change exp(mean delta) - 1 and its 95% interval."""
+    from mlx_llama.perplexity import summarize
+
+    ratio = summarize(delta)  # ppl of the differences = the ratio of the two perplexities
+    return ratio.ppl - 1, ratio.ppl - 1 - 1.96 * ratio.stderr, ratio.ppl - 1 + 1.96 * ratio.stderr
 
 
 def main(argv: list[str] | None = None) -> dict[str, tuple[float, float, float]]:
@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float, float]]
     for path in args.text:
         ids = tokenizer.encode(path.read_text())
         delta = token_nlls(quant, ids, 512) - token_nlls(source, ids, 512)
-        lo, hi = interval(delta)
+        change, lo, hi = interval(delta)
         top = np.sort(delta)[::-1][:3]
-        print(f"{path.name}: {len(delta)} tokens, {100 * np.expm1(delta.mean()):+.2f}% "
+        print(f"{path.name}: {len(delta)} tokens, {100 * change:+.2f}% "
               f"(95% interval {100 * lo:+.2f}% to {100 * hi:+.2f}%), top 3 tokens carry "
               f"{100 * top.sum() / delta.sum():.0f}% of the loss", flush=True)
-        results[path.name] = (float(np.expm1(delta.mean())), lo, hi)
+        results[path.name] = (change, lo, hi)
     return results
 
 
