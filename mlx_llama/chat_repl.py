@@ -24,8 +24,8 @@ def run_repl(args: argparse.Namespace) -> int:
     model, tokenizer = load_checked(resolve_model(args.model))
     params = sampling_params(args)
     chat = Conversation(model, tokenizer, args.system, make_layers=cache_factory(args, model))
-    print(f"chatting with {args.model or 'the bundled SmolLM2'}; {HELP}", file=sys.stderr)
-    try:
+    try:  # the banner is inside: a Ctrl-C that lands just after it is still "at the prompt"
+        print(f"chatting with {args.model or 'the bundled SmolLM2'}; {HELP}", file=sys.stderr)
         converse(chat, model, tokenizer, params, args)
     except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: leave quietly
         print(file=sys.stderr)
