@@ -1,5 +1,5 @@
 """How far one text can be trusted: per-token NLL differences between a quantized model and its
-float source, with a bootstrap interval of the perplexity ratio and the share of the top tokens.
+float source, with a 95% interval of the perplexity ratio and the share of the top tokens.
 
     python benchmarks/ppl_interval.py --src FLOAT_FOLDER --quant QUANT_FOLDER --text A.txt B.txt
 
