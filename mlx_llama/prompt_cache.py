@@ -102,9 +102,12 @@ def _digest(arrays: dict[str, mx.array]) -> str:
 
 def save_prompt_cache(path: str | Path, cache: PromptCache, model: nn.Module, *,
                       saved_prompt: SavedPrompt | None = None,
-                      model_name: str | None = None) -> Path:
-    """Write `cache` (its layers and tokens) to `path` atomically; returns the path."""
+                      model_name: str | None = None, force: bool = False) -> Path:
+    """Write `cache` (its layers and tokens) to `path` atomically; returns the path.
+
+    An existing prompt cache is replaced; any other existing file only with `force`."""
     path = Path(path)
+    check_writable(path, force)
     if not cache.tokens or not cache.layers or cache.layers[0].offset == 0:
         raise MlxLlamaError("the prompt cache is empty: prefill a prompt before saving it")
     arrays = {"tokens": mx.array(cache.tokens, dtype=mx.int32)}
@@ -127,6 +130,32 @@ def save_prompt_cache(path: str | Path, cache: PromptCache, model: nn.Module, *,
     }
     write_atomically(path, arrays, metadata)
     return path
+
+
+def check_writable(path: Path, force: bool = False) -> None:
+    """Refuse to replace a file that is not a prompt cache (a typo in -o must not eat weights)."""
+    if path.is_dir():
+        raise MlxLlamaError(f"{path} is a folder: give a file name for the prompt cache")
+    if path.exists() and not force and not is_prompt_cache(path):
+        raise MlxLlamaError(
+            f"{path} exists and is not a prompt cache: choose another -o path, or pass --force "
+            "to replace it"
+        )
+
+
+def is_prompt_cache(path: Path) -> bool:
+    """Whether `path` is a safetensors file whose metadata names this format.
+
+    Reads only the header (8-byte length, then JSON), so checking a large file is free."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= 100_000_000:
+                return False
+            header = json.loads(f.read(size))
+        return header.get("__metadata__", {}).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def write_atomically(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str]) -> None:
@@ -281,6 +310,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cache the prompt as raw text even if the model has a chat template")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="tokens per prefill step (peak memory grows with it)")
+    p.add_argument("--force", action="store_true",
+                   help="replace -o even if it exists and is not a prompt cache")
     add_cache_arguments(p, prompt_cache=False)
 
 
@@ -291,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
     kind, options = cache_spec(args)
     if args.prefill_chunk < 1:
         raise MlxLlamaError(f"--prefill-chunk must be at least 1, got {args.prefill_chunk}")
+    check_writable(Path(args.output), args.force)  # before minutes of prefill, not after
     folder = resolve_model(args.model)
     model, tokenizer = load_checked(folder)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -303,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     cache = cache_prompt(model, tokenizer, saved, kind, args.prefill_chunk, **options)
     elapsed = time.perf_counter() - start
     path = save_prompt_cache(args.output, cache, model, saved_prompt=saved,
-                             model_name=Path(folder).name)
+                             model_name=Path(folder).name, force=args.force)
     n = len(cache.tokens)
     print(f"saved {n} prompt tokens ({kind} cache, {cache.nbytes / 1e6:.1f} MB) to {path} | "
           f"prefill {n / max(elapsed, 1e-9):.1f} tok/s | peak memory "

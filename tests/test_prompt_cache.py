@@ -297,3 +297,24 @@ def test_cli_reports_bad_files_in_one_line(folders, tmp_path):
     out = run_cli("cache-prompt", "-m", str(folders["a"]), "-p", PREFIX, "-o",
                   str(tmp_path / "missing" / "x.safetensors"))
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "does not exist" in out.stderr
+
+
+def test_saving_never_replaces_a_file_that_is_not_a_prompt_cache(folders, tiny, tmp_path):
+    """-o pointing at a model's weights (a typo) must not eat them; an old cache is replaced."""
+    model, tok = tiny
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes((folders["a"] / "model.safetensors").read_bytes())
+    before = weights.read_bytes()
+    cache = pc.cache_prompt(model, tok, pc.SavedPrompt(PREFIX))
+    with pytest.raises(MlxLlamaError, match="exists and is not a prompt cache.*--force"):
+        pc.save_prompt_cache(weights, cache, model)
+    assert weights.read_bytes() == before
+    out = run_cli("cache-prompt", "-m", str(folders["a"]), "-p", PREFIX, "-o", str(weights))
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert weights.read_bytes() == before
+    old = pc.save_prompt_cache(tmp_path / "p.safetensors", cache, model)
+    assert pc.is_prompt_cache(old) and not pc.is_prompt_cache(weights)
+    pc.save_prompt_cache(old, pc.cache_prompt(model, tok, pc.SavedPrompt(PREFIX + MORE)), model)
+    assert len(pc.load_prompt_cache(old, model).tokens) == len(tok.encode(PREFIX + MORE))
+    pc.save_prompt_cache(weights, cache, model, force=True)
+    assert pc.is_prompt_cache(weights)
