@@ -97,12 +97,12 @@ def convert(
         raise MlxLlamaError(f"--dtype {dtype} is not supported: choose float16, bfloat16 or float32")
     if shard_size <= 0:
         raise MlxLlamaError("--shard-size must be positive")
+    _refuse_overwriting_source(src, out)
     check_destination(out, force)  # fail before a long download, not after
     if eval_text is not None or calibrate is not None:
         from .measure import check_texts
 
         check_texts(eval_text, calibrate)
-    _refuse_overwriting_source(src, out)
 
     source = open_source(src, revision, progress)
     cfg = ModelConfig.from_dict(source.config)

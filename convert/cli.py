@@ -71,7 +71,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--shard-size", type=parse_size, default="5GB",
                         help="maximum size of one output weight file (default 5GB)")
     parser.add_argument("--revision", help="hub branch, tag or commit (hub repo ids only)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--force", action="store_true", help="replace an existing model folder (one with a config.json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or summary")
     return parser
 

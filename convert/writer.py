@@ -139,12 +139,27 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def check_destination(out: Path, force: bool) -> None:
-    """Refuse an existing, non-empty destination unless `force` (checked before any work)."""
+    """Refuse an existing, non-empty destination unless `force` and it is a model folder
+    (checked before any work, and again just before the old folder is replaced)."""
     if out.exists() and not out.is_dir():
         raise MlxLlamaError(f"{out} exists and is not a folder: choose another output path")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
         raise MlxLlamaError(
             f"output folder {out} already exists: pass --force to replace it, or choose another path"
+        )
+    # --force deletes the old folder: only ever a model folder, never e.g. `-o .` in a project.
+    if not (out / "config.json").is_file():
+        raise MlxLlamaError(
+            f"output folder {out} is not a model folder (no config.json), so --force will not "
+            "delete it: choose another output path"
+        )
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise MlxLlamaError(
+            f"output folder {out} holds the current directory: run from elsewhere or choose "
+            "another output path"
         )
 
 

@@ -243,3 +243,22 @@ def test_progress_bar_on_a_terminal_only(src, tmp_path):
     assert code == 0 and "Converting" in text and "bits per weight" in text
     code, text = run_on_terminal([src, "-o", tmp_path / "b", "-q", "--no-progress"])
     assert code == 0 and text.strip() == ""
+
+
+def test_force_replaces_only_model_folders(src, tmp_path, capsys, monkeypatch):
+    """--force deletes the old folder, so a folder that is not a model (no config.json), or
+    one that holds the working directory, is refused and left as it was."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "thesis.txt").write_text("years of work")
+    before = snapshot(docs)
+    code, lines = run_cli([src, "-o", docs, "--force"], capsys)
+    assert_clean_failure(code, lines, tmp_path, docs, before, "not a model folder")
+    inside = tmp_path / "model"
+    (inside / "sub").mkdir(parents=True)
+    (inside / "config.json").write_text("{}")
+    monkeypatch.chdir(inside / "sub")
+    for out in (inside, Path("..")):
+        code, lines = run_cli([src, "-o", out, "--force"], capsys)
+        assert code == 1 and len(lines) == 1 and "holds the current directory" in lines[0], lines
+    assert (inside / "config.json").read_text() == "{}" and (inside / "sub").is_dir()
