@@ -9,9 +9,11 @@ and keeps what was said; Ctrl-C or Ctrl-D at the prompt leaves.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from .conversation import Conversation
+from .errors import MlxLlamaError
 from .generate import stream_generate
 
 HELP = "commands: /reset clears the conversation, /quit leaves, /help shows this"
@@ -36,7 +38,11 @@ def converse(chat: Conversation, model, tokenizer, params, args: argparse.Namesp
     """Read, answer, repeat; returns on /quit. Ctrl-C during a reply only stops that reply."""
     out, err = sys.stdout, sys.stderr
     while True:
-        text = input(">>> ").strip()
+        try:
+            text = input(">>> ").strip()
+        except UnicodeDecodeError:  # a terminal or pipe in another encoding
+            print("error: that line is not valid UTF-8; type it again", file=err)
+            continue
         if not text:
             continue
         if text in ("/quit", "/exit", "/bye"):
@@ -48,9 +54,12 @@ def converse(chat: Conversation, model, tokenizer, params, args: argparse.Namesp
             chat.reset()
             print("conversation cleared", file=err)
             continue
-        prompt = chat.add_user(text)
+        if re.fullmatch(r"/\w+", text.split()[0]):
+            print(f"unknown command {text.split()[0]}; {HELP}", file=err)
+            continue
         reply, last, interrupted = [], None, False
         try:
+            prompt = chat.add_user(text)
             for last in stream_generate(model, tokenizer, prompt, args.max_tokens,
                                         sampling=params, stop=args.stop, cache=chat.cache):
                 reply.append(last.text)
@@ -59,6 +68,10 @@ def converse(chat: Conversation, model, tokenizer, params, args: argparse.Namesp
         except KeyboardInterrupt:
             interrupted = True
             print("\n[reply interrupted]", file=err)
+        except MlxLlamaError as e:  # e.g. over the context: this turn fails, the chat goes on
+            chat.cancel_user()
+            print(f"{chr(10) if reply else ''}error: {e} (or /reset to start over)", file=err)
+            continue
         print(file=out)
         ended_on_stop_string = (last is not None and last.finish_reason == "stop"
                                 and last.token not in tokenizer.eos_token_ids)

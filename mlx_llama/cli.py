@@ -102,12 +102,26 @@ def prefill_progress(done: int, total: int) -> None:
         print(f"\rprefill: {done}/{total} tokens", end=end, file=sys.stderr, flush=True)
 
 
+def read_prompt(prompt: str) -> str:
+    """`-p` as given, or standard input for `-p -`, decoded as UTF-8 whatever the locale."""
+    if prompt != "-":
+        return prompt
+    raw = sys.stdin.buffer.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MlxLlamaError(
+            f"standard input is not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start}): "
+            "convert it to UTF-8 first"
+        ) from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .cache_options import continue_prompt, open_prompt_cache
     from .generate import stream_generate
 
     model, tokenizer = load_checked(resolve_model(args.model))
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_prompt(args.prompt)
     if args.system and not args.no_chat_template:
         prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]
     cache = open_prompt_cache(args, model)  # --prompt-cache FILE, or a fresh cache of the kind asked

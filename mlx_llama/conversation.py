@@ -37,6 +37,7 @@ class Conversation:
     def add_user(self, text: str) -> list[int]:
         """Append a user message; return the prompt tokens for the model's reply."""
         self.messages.append({"role": "user", "content": text})
+        self._tokens_before = list(self.cache.tokens)
         tok = self.tokenizer
         full = tok.apply_chat_template(self.messages, add_generation_prompt=True)
         self._prompt_text = full
@@ -44,6 +45,15 @@ class Conversation:
             new = tok.encode(full[len(self.history_text):], add_special_tokens=False)
             return self.cache.tokens + new
         return tok.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True)
+
+    def cancel_user(self) -> None:
+        """Take back the last user message (its turn failed, e.g. over the context), so the
+        conversation goes on as it was. If the failure came after the cache was touched, the
+        history text no longer matches its tokens, and the next turn falls back to prefix reuse."""
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
+        if self.cache.tokens != getattr(self, "_tokens_before", None):
+            self.history_text = ""
 
     def add_reply(self, text: str, last_token: int | None, complete: bool) -> None:
         """Record the assistant's reply. `complete` is False when it was cut short abnormally."""

@@ -175,6 +175,17 @@ def context_length(model) -> int:
     return model.config.max_position_embeddings
 
 
+def attends_within_context(cache: PromptCache | None, limit: int) -> bool:
+    """Whether every layer's cache is a window no wider than the context (`--max-kv-size`).
+
+    Then a token attends to at most `limit` positions, and RoPE makes attention depend only on
+    the distance between positions, so a chat may run past the context: the oldest tokens
+    fall out of the window instead of the run stopping (llama.cpp's context shift, without
+    re-rotating the keys)."""
+    windows = [getattr(c, "max_size", None) for c in cache.layers] if cache else []
+    return bool(windows) and all(w is not None and w <= limit for w in windows)
+
+
 def stream_generate(
     model,
     tokenizer,
@@ -207,11 +218,13 @@ def stream_generate(
         raise MlxLlamaError(f"max_tokens must be at least 1, got {max_tokens}")
     tokens = encode_prompt(tokenizer, prompt, chat)
     limit = context_length(model)
-    if len(tokens) >= limit:
-        raise MlxLlamaError(
-            f"the prompt has {len(tokens)} tokens but the model's context is {limit}: shorten it"
-        )
-    max_tokens = min(max_tokens, limit - len(tokens))
+    if not attends_within_context(cache, limit):
+        if len(tokens) >= limit:
+            raise MlxLlamaError(
+                f"the prompt has {len(tokens)} tokens but the model's context is {limit}: "
+                "shorten it, or use a rotating cache (--max-kv-size) to slide past it"
+            )
+        max_tokens = min(max_tokens, limit - len(tokens))
     if cache is None:
         cache = PromptCache(model.make_cache)
     cached = cache.reuse(tokens)

@@ -317,7 +317,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .cache_options import cache_spec
-    from .cli import load_checked, resolve_model
+    from .cli import load_checked, read_prompt, resolve_model
 
     kind, options = cache_spec(args)
     if args.prefill_chunk < 1:
@@ -325,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(Path(args.output), args.force)  # before minutes of prefill, not after
     folder = resolve_model(args.model)
     model, tokenizer = load_checked(folder)
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    text = read_prompt(args.prompt)
     chat = not args.no_chat_template and bool(tokenizer.chat_template)
     saved = SavedPrompt(text=text, system=args.system if chat else None, chat=chat)
     if args.system and not chat:

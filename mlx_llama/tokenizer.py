@@ -322,6 +322,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise MlxLlamaError(f"Can only encode a str, got {type(text).__name__}; pass text")
+        check_utf8(text)
         ids = self._backend.encode(text)
         if add_special_tokens and self.add_bos_token and (not ids or ids[0] != self.bos_token_id):
             ids.insert(0, self.bos_token_id)  # type: ignore[arg-type]
@@ -491,6 +492,20 @@ def _resolve_eos(
         if marker in templates_text and marker_id in backend.special_ids:
             eos_ids.add(marker_id)
     return eos_id, eos_ids
+
+
+def check_utf8(text: str) -> None:
+    """Refuse text with lone surrogates: what Python makes of bytes that are not UTF-8 (a file
+    or argv in another encoding, or JSON's "\\udcff"), which both tokenizer libraries reject
+    with an unreadable error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = ord(text[e.start])
+        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"U+{char:04X}"
+        raise MlxLlamaError(
+            f"the text is not valid UTF-8 ({what} at character {e.start}): save or send it as UTF-8"
+        ) from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

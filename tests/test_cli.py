@@ -187,3 +187,87 @@ def test_generate_warns_in_one_line_when_the_model_cannot_fit(tiny_checkpoints, 
     assert main(["perplexity", "-m", str(tiny_checkpoints["gqa"]), "--text", str(text),
                  "--context", "16"]) == 0
     assert "0.00 GB is available" in capsys.readouterr().err
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(tiny_checkpoints, tmp_path):
+    """From standard input (any locale) and from argv (which Python decodes with surrogates)."""
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"Llamas \xff are")
+    base = [sys.executable, "-m", "mlx_llama.cli", "generate", "-m", str(tiny_checkpoints["gqa"]),
+            "--max-tokens", "2", "-p"]
+    for prompt, encoding in (("-", "utf-8"), ("-", "utf-8:surrogateescape"),
+                             (b"Llamas \xff are", "utf-8")):
+        with open(bad, "rb") as f:
+            result = subprocess.run(base + [prompt], stdin=f, capture_output=True, text=True,
+                                    timeout=300, env={**os.environ, "PYTHONIOENCODING": encoding})
+        assert result.returncode == 1, result.stderr
+        assert "not valid UTF-8 (byte 0xff" in one_line_error(result.stderr)
+
+
+@pytest.fixture
+def chat_model_ctx64(chat_model) -> Path:
+    cfg = json.loads((chat_model / "config.json").read_text())
+    (chat_model / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 64}))
+    return chat_model
+
+
+LONG_TURN = "Llamas are social animals and live with others as a herd. " * 6
+
+
+def test_chat_survives_a_failed_turn_and_unknown_commands(chat_model_ctx64):
+    """A turn over the context is an error line, not the end of the conversation."""
+    stdin = "\n".join(["/foo", "Hello there", LONG_TURN, "And their wool?", "/quit"]) + "\n"
+    result = run_cli("chat", "-m", str(chat_model_ctx64), "--max-tokens", "4", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    assert "unknown command /foo" in result.stderr
+    assert re.search(r"error: the prompt has \d+ tokens but the model's context is 64", result.stderr)
+    stats = [tuple(map(int, m)) for m in re.findall(
+        r"\[prompt (\d+) tokens: (\d+) cached, \d+ prefilled \| (\d+) generated", result.stderr)]
+    assert len(stats) == 2  # the failed turn left no trace: the next one reuses the first
+    (first, _, generated), (_, cached, _) = stats
+    assert cached >= first + generated - 1
+
+
+def test_a_rotating_cache_slides_past_the_context(chat_model_ctx64):
+    """--max-kv-size no wider than the context: attention never spans more than the context,
+    so generate and chat go on past it (the README's "endless chats")."""
+    out = run_cli("generate", "-m", str(chat_model_ctx64), "--no-chat-template", "-p", LONG_TURN,
+                  "--max-tokens", "80", "--max-kv-size", "32")
+    assert out.returncode == 0, out.stderr
+    prompt, generated = map(int, re.search(r"prompt: (\d+) tokens.*generation: (\d+) tokens",
+                                           out.stderr).groups())
+    assert prompt > 64 and prompt + generated > 100
+    turns = [LONG_TURN[:60], "Tell me more about llamas", "And their wool?", "Where do they live?"]
+    chat = run_cli("chat", "-m", str(chat_model_ctx64), "--max-tokens", "12", "--max-kv-size", "32",
+                   stdin="\n".join(turns + ["/quit"]) + "\n")
+    assert chat.returncode == 0 and "error" not in chat.stderr, chat.stderr
+    prompts = [int(m) for m in re.findall(r"\[prompt (\d+) tokens", chat.stderr)]
+    assert len(prompts) == 4 and prompts[-1] > 64
+    wide = run_cli("generate", "-m", str(chat_model_ctx64), "--no-chat-template", "-p", LONG_TURN,
+                   "--max-tokens", "4", "--max-kv-size", "128")
+    assert "context is 64" in one_line_error(wide.stderr)
+
+
+def test_a_cancelled_turn_keeps_the_history_only_while_the_cache_matches(chat_model):
+    """If the failed turn had already trimmed the cache, the history text no longer stands
+    for its tokens: the next turn must not append to them (it falls back to prefix reuse)."""
+    from mlx_llama.conversation import Conversation
+    from mlx_llama.generate import generate
+    from mlx_llama.loading import load
+
+    model, tokenizer = load(chat_model)
+    chat = Conversation(model, tokenizer)
+    prompt = chat.add_user("Hello there")
+    reply = generate(model, tokenizer, prompt, 3, cache=chat.cache)
+    chat.add_reply(reply, chat.cache.tokens[-1], complete=True)
+    history = chat.history_text
+    chat.add_user("A turn that fails before the cache is touched")
+    chat.cancel_user()
+    assert chat.history_text == history and chat.messages[-1]["role"] == "assistant"
+    chat.add_user("A turn that fails after the cache was trimmed")
+    chat.cache.reuse(chat.cache.tokens[:4])
+    chat.cancel_user()
+    assert chat.history_text == "" and len(chat.messages) == 2
+    tokens = chat.add_user("And their wool?")
+    assert tokens == tokenizer.apply_chat_template(chat.messages, add_generation_prompt=True,
+                                                   tokenize=True)

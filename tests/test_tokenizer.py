@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -390,3 +391,13 @@ def test_broken_tokenizer_config(tmp_path, llama3_dir):
 def test_encode_rejects_non_text(llama3_dir):
     with pytest.raises(MlxLlamaError):
         load_tokenizer(llama3_dir).encode([1, 2, 3])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text, named", [("Llamas \udcff are", "byte 0xff at character 7"),
+                                         ("\ud800", "U+D800 at character 0")])
+def test_encode_names_text_that_is_not_utf8(llama2_dir, llama3_dir, text, named):
+    """Bytes that are not UTF-8 reach Python as lone surrogates (argv, stdin, JSON "\\udcff");
+    both tokenizer libraries would fail on them with an unreadable error."""
+    for folder in (llama2_dir, llama3_dir):
+        with pytest.raises(MlxLlamaError, match=re.escape(f"not valid UTF-8 ({named})")):
+            load_tokenizer(folder).encode(text)
