@@ -41,7 +41,24 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        """Validate a config.json dict and keep what the model needs."""
+        """Validate a config.json dict and keep what the model needs.
+
+        A value of the wrong type (a string where a number belongs, a list for the whole file)
+        is named in one line rather than left to fail deep inside the model."""
+        if not isinstance(cfg, dict):
+            raise MlxLlamaError(
+                f"config.json holds a {type(cfg).__name__}, not an object of settings: "
+                "re-export or re-convert the model"
+            )
+        try:
+            return cls._from_dict(cfg)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise MlxLlamaError(
+                f"config.json has a value of the wrong type ({e}): fix it or re-convert the model"
+            ) from None
+
+    @classmethod
+    def _from_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
         model_type = cfg.get("model_type", "llama")
         if model_type not in LLAMA_COMPATIBLE:
             raise MlxLlamaError(
@@ -64,6 +81,16 @@ class ModelConfig:
                 f"config.json is missing {', '.join(missing)}: it is not a complete "
                 "Llama config; re-export or re-convert the model"
             )
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size", "vocab_size", "num_key_value_heads", "head_dim",
+                    "max_position_embeddings"):
+            _check_positive_int(cfg, key)
+        act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+        if act not in ("silu", "swish"):
+            raise MlxLlamaError(
+                f"config.json has an unsupported hidden_act {act!r}: Llama's MLP is SwiGLU (silu); this model "
+                "needs a runtime that implements its activation"
+            )
         heads = int(cfg["num_attention_heads"])
         kv_heads = int(cfg.get("num_key_value_heads") or heads)
         hidden = int(cfg["hidden_size"])
@@ -75,7 +102,9 @@ class ModelConfig:
         head_dim = cfg.get("head_dim") or hidden // heads
         rope_scaling = _rope_scaling(cfg)
         eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (
+            () if eos is None else (int(eos),))
+        bos = cfg.get("bos_token_id")
         return cls(
             hidden_size=hidden,
             num_hidden_layers=int(cfg["num_hidden_layers"]),
@@ -92,8 +121,20 @@ class ModelConfig:
             attention_bias=bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             model_type=model_type,
-            bos_token_id=cfg.get("bos_token_id"),
+            bos_token_id=None if bos is None else int(bos),
             eos_token_ids=eos_ids,
+        )
+
+
+def _check_positive_int(cfg: dict[str, Any], key: str) -> None:
+    """Sizes and counts must be whole and positive (absent or null: the default applies)."""
+    value = cfg.get(key)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MlxLlamaError(
+            f"config.json has {key}={value!r}: it must be a positive integer; fix it or "
+            "re-convert the model"
         )
 
 
@@ -108,6 +149,9 @@ def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
     scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
     if not scaling:
         return None
+    if not isinstance(scaling, dict):
+        raise MlxLlamaError(f"config.json has rope_scaling={scaling!r}: it must be an object like "
+                            '{"rope_type": "linear", "factor": 2.0}')
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise MlxLlamaError(

@@ -271,3 +271,26 @@ def test_a_cancelled_turn_keeps_the_history_only_while_the_cache_matches(chat_mo
     tokens = chat.add_user("And their wool?")
     assert tokens == tokenizer.apply_chat_template(chat.messages, add_generation_prompt=True,
                                                    tokenize=True)
+
+
+@pytest.mark.parametrize("edit, named", [
+    ([1, 2], "holds a list"),
+    ({"hidden_size": "abc"}, "hidden_size='abc'"),
+    ({"num_attention_heads": 0}, "num_attention_heads=0"),
+    ({"eos_token_id": "x"}, "wrong type"),
+    ({"rms_norm_eps": "x"}, "wrong type"),
+    ({"rope_scaling": "linear"}, "rope_scaling='linear'"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "abc"}}, "wrong type"),
+    ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
+])
+def test_a_config_with_bad_values_is_one_line(tiny_checkpoints, tmp_path, capsys, edit, named):
+    """What a hand-edited or foreign config.json holds is named, not a traceback (and a GELU
+    model is refused rather than run as SwiGLU, which would be silently wrong)."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_checkpoints["gqa"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(edit if isinstance(edit, list)
+                                                   else {**cfg, **edit}))
+    assert main(["generate", "-m", str(folder), "-p", "hi", "--max-tokens", "2"]) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert named in line and "config.json" in line, line
