@@ -65,6 +65,8 @@ def prefill(
     """
     if not tokens:
         raise MlxLlamaError("nothing to prefill: the prompt has no tokens")
+    if chunk is not None and chunk < 1:
+        raise MlxLlamaError(f"the prefill chunk must be at least 1 token, got {chunk}")
     total = len(tokens)
     chunk = chunk or default_prefill_chunk(model)
     done = 0

@@ -173,8 +173,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def read_text(path: str) -> str:
     file = Path(path)
+    if file.is_dir():
+        raise MlxLlamaError(f"{path} is a folder: give a UTF-8 text file")
     if not file.is_file():
-        raise MlxLlamaError(f"text file {path} does not exist: give a UTF-8 text file with --text")
+        raise MlxLlamaError(f"text file {path} does not exist: give a UTF-8 text file")
     try:
         return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -187,11 +189,14 @@ def run(args: argparse.Namespace) -> int:
 
     stride = args.stride if args.stride is not None else args.context
     check_window_options(args.context, stride)
+    for flag, value, least in (("--chunk", args.chunk, 1), ("--max-text-tokens", args.max_text_tokens, 2)):
+        if value is not None and value < least:
+            raise MlxLlamaError(f"{flag} must be at least {least}, got {value}")
     kind, options = cache_spec(args)
     text = read_text(args.text)
     model, tokenizer = load_checked(resolve_model(args.model))
     tokens = tokenizer.encode(text)
-    if args.max_text_tokens:
+    if args.max_text_tokens is not None:
         tokens = tokens[: args.max_text_tokens]
     make_cache = None
     if kind != "default" or args.chunk:

@@ -41,7 +41,7 @@ class SamplingParams:
         """Reject values no sampler can honour, with the allowed range in the message."""
         checks = [
             ("temperature", self.temperature, 0.0 <= self.temperature <= 100, ">= 0"),
-            ("top_p", self.top_p, 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+            ("top_p", self.top_p, 0.0 <= self.top_p <= 1.0, "in [0, 1] (0 keeps only the best)"),
             ("top_k", self.top_k, self.top_k >= 0, ">= 0 (0 disables it)"),
             ("min_p", self.min_p, 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
             ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0"),
@@ -55,6 +55,8 @@ class SamplingParams:
         for name, value, ok, allowed in checks:
             if not ok or (isinstance(value, float) and not math.isfinite(value)):
                 raise MlxLlamaError(f"invalid {name} {value!r}: must be {allowed}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise MlxLlamaError(f"invalid seed {self.seed}: must be from 0 to 2**64 - 1")
         for token, bias in self.logit_bias.items():
             if vocab_size is not None and not 0 <= int(token) < vocab_size:
                 raise MlxLlamaError(
@@ -95,8 +97,9 @@ def _min_p(logprobs: mx.array, min_p: float) -> mx.array:
 
 
 def make_sampler(params: SamplingParams) -> Sampler:
-    """A compiled sampler for these settings; greedy when temperature is 0 or top_k is 1."""
-    if params.temperature == 0 or params.top_k == 1:
+    """A compiled sampler for these settings; greedy when temperature is 0, top_k is 1 or
+    top_p is 0 (OpenAI's range includes 0, and clients send it to mean "the best token")."""
+    if params.temperature == 0 or params.top_k == 1 or params.top_p == 0:
         return mx.compile(greedy)
     temperature, top_p, top_k, min_p = params.temperature, params.top_p, params.top_k, params.min_p
 

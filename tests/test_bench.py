@@ -90,6 +90,8 @@ def test_cli_json(quantized_tiny, capsys):
 @pytest.mark.parametrize("args, fragment", [
     (["-g", "1"], "-g must be at least 2"),
     (["-p", "500", "-g", "100"], "exceeds the model's context"),
+    (["-p", "8", "-g", "4", "--prefill-chunk", "-2"], "prefill chunk must be at least 1"),
+    (["-p", "8", "-g", "4", "--prefill-chunk", "0"], "prefill chunk must be at least 1"),
 ])
 def test_cli_errors_are_one_line(quantized_tiny, capsys, args, fragment):
     assert main(["bench", "-m", str(quantized_tiny), "-n", "1", *args]) == 1

@@ -294,3 +294,8 @@ def test_a_config_with_bad_values_is_one_line(tiny_checkpoints, tmp_path, capsys
     assert main(["generate", "-m", str(folder), "-p", "hi", "--max-tokens", "2"]) == 1
     line = one_line_error(capsys.readouterr().err)
     assert named in line and "config.json" in line, line
+
+
+def test_a_seed_out_of_range_is_one_line(tiny_checkpoints, capsys):
+    assert main(["generate", "-m", str(tiny_checkpoints["gqa"]), "-p", "hi", "--seed", "-1"]) == 1
+    assert "invalid seed -1" in one_line_error(capsys.readouterr().err)

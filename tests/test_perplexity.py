@@ -187,6 +187,10 @@ def test_cli_prints_perplexity_tokens_and_stderr(tiny_checkpoints, tmp_path, cap
     (["--text", "missing.txt"], "text file missing.txt does not exist"),
     (["--text", "TEXT", "--stride", "600"], "--stride must be between 1 and the context"),
     (["--text", "TEXT", "--kv-bits", "8", "--max-kv-size", "64"], "cannot be combined"),
+    (["--text", "."], ". is a folder"),
+    (["--text", "TEXT", "--chunk", "-1"], "--chunk must be at least 1, got -1"),
+    (["--text", "TEXT", "--max-text-tokens", "0"], "--max-text-tokens must be at least 2, got 0"),
+    (["--text", "TEXT", "--max-text-tokens", "-3"], "--max-text-tokens must be at least 2"),
 ])
 def test_cli_errors_are_one_line(tiny_checkpoints, tmp_path, capsys, argv, message):
     text = tmp_path / "t.txt"

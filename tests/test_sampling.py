@@ -53,6 +53,11 @@ def test_top_p_keeps_the_nucleus():
     assert set(got) == {0, 1}  # 0.5 < 0.7 so the second token is needed; the third is not
 
 
+def test_top_p_zero_keeps_only_the_best(flat_logits):
+    got = draws(SamplingParams(temperature=1.5, top_p=0.0), flat_logits, 50)
+    assert set(got) == {int(flat_logits.argmax())}
+
+
 def test_min_p_drops_unlikely_tokens():
     probs = np.array([0.4, 0.3, 0.1] + [0.2 / (VOCAB - 3)] * (VOCAB - 3))
     got = draws(SamplingParams(temperature=1.0, min_p=0.5), np.log(probs))
@@ -112,7 +117,7 @@ def test_logit_bias_bans_and_forces(flat_logits):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2), dict(min_p=2),
+    [dict(temperature=-1), dict(top_p=-0.1), dict(top_p=1.5), dict(seed=-1), dict(seed=2**64), dict(top_k=-2), dict(min_p=2),
      dict(repetition_penalty=0), dict(frequency_penalty=3), dict(temperature=float("nan")),
      dict(logit_bias={VOCAB + 5: 1.0})],
 )

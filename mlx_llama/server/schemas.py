@@ -70,7 +70,7 @@ class SamplingFields(Strict):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
     min_p: Probability | None = None
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
