@@ -105,6 +105,11 @@ def convert(
         check_texts(eval_text, calibrate)
 
     source = open_source(src, revision, progress)
+    if not {"tokenizer.json", "tokenizer.model"} & set(source.files):
+        raise MlxLlamaError(
+            f"{src} has no tokenizer (tokenizer.json or tokenizer.model), so the converted model "
+            "could not run: copy the tokenizer files from the original model into it"
+        )
     cfg = ModelConfig.from_dict(source.config)
     target = dtype or declared_dtype(source.config)
     weights = map_weights(source.weights, cfg)
@@ -357,6 +362,15 @@ def verify_folder(folder: Path) -> None:
         finite = bool(mx.all(mx.isfinite(logits)).item())
     except MlxLlamaError as e:
         raise MlxLlamaError(f"the converted model does not load back ({e}); please report this") from None
+    from mlx_llama.tokenizer import load_tokenizer
+
+    try:
+        load_tokenizer(folder)
+    except MlxLlamaError as e:
+        raise MlxLlamaError(
+            f"the source's tokenizer does not load ({str(e).split(':')[0]}): replace its "
+            "tokenizer files with the original model's"
+        ) from None
     if not finite:
         raise MlxLlamaError(
             "the converted model produces non-finite logits: the source weights overflow the "

@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import make_hf_checkpoint
+from conftest import make_hf_checkpoint, write_sp_tokenizer_files
 from convert.api import convert
 from convert.cli import parse_size
 from convert.mapping import map_weights
@@ -197,7 +197,7 @@ def test_tokenizer_generation_config_and_chat_template_are_copied(tiny_checkpoin
     assert "library_name: mlx" in card and str(src) in card
 
 
-def test_peak_memory_stays_well_under_model_size(tmp_path):
+def test_peak_memory_stays_well_under_model_size(tmp_path, sp_model_file):
     """A 16-layer float32 checkpoint (~34 MB) converts with about one tensor's worth of memory."""
     hidden, inter, vocab, layers = 256, 512, 2048, 16
     folder = tmp_path / "mid"
@@ -206,6 +206,7 @@ def test_peak_memory_stays_well_under_model_size(tmp_path):
                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
                   vocab_size=vocab, torch_dtype="float32")
     (folder / "config.json").write_text(json.dumps(config))
+    write_sp_tokenizer_files(folder, sp_model_file)
     cfg = ModelConfig.from_dict(config)
     from convert.mapping import expected_shapes
 

@@ -262,3 +262,20 @@ def test_force_replaces_only_model_folders(src, tmp_path, capsys, monkeypatch):
         code, lines = run_cli([src, "-o", out, "--force"], capsys)
         assert code == 1 and len(lines) == 1 and "holds the current directory" in lines[0], lines
     assert (inside / "config.json").read_text() == "{}" and (inside / "sub").is_dir()
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("remove", "has no tokenizer (tokenizer.json or tokenizer.model)"),
+    ("truncate", "the source's tokenizer does not load"),
+])
+def test_a_source_whose_tokenizer_is_missing_or_broken(src, tmp_path, capsys, damage, match):
+    """The result could not run, so it is not written (its error would then blame convert)."""
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (src / name).exists():
+            if damage == "remove":
+                (src / name).unlink()
+            else:
+                (src / name).write_bytes((src / name).read_bytes()[:500])
+    out = tmp_path / "out"
+    code, lines = run_cli([src, "-o", out], capsys)
+    assert_clean_failure(code, lines, tmp_path, out, {}, match)
