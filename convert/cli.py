@@ -45,16 +45,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help="dtype of unquantized tensors (default: the source's)")
     parser.add_argument("-q", "--quantize", action="store_true",
                         help="quantize Linear and Embedding weights (MLX affine)")
-    parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 5, 6, 8),
+    parser.add_argument("--bits", type=int, default=None, choices=(2, 3, 4, 5, 6, 8),
                         help="bits per quantized weight (default 4)")
-    parser.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128),
+    parser.add_argument("--group-size", type=int, default=None, choices=(32, 64, 128),
                         help="weights sharing one scale and bias (default 64)")
-    parser.add_argument("--embeddings-bits", type=int, default=8, choices=(2, 3, 4, 5, 6, 8),
+    parser.add_argument("--embeddings-bits", type=int, default=None, choices=(2, 3, 4, 5, 6, 8),
                         help="bits for the embedding and output head when quantizing (default 8)")
     parser.add_argument("--no-quantize-embeddings", action="store_true",
                         help="keep the embedding and output head unquantized")
     parser.add_argument("--method", choices=("auto", "search", "minmax", "gptq"),
-                        default="auto",
+                        default=None,
                         help="how each group's scale and bias are chosen: 'search' minimizes the "
                         "error, 'minmax' is plain min/max as mlx-lm does, 'gptq' adds GPTQ "
                         "error compensation from calibration (implies --calibrate builtin), "
@@ -90,6 +90,27 @@ def add_convert_parser(parent) -> argparse.ArgumentParser:
     return configure_parser(parser)
 
 
+def check_quantization_flags(args: argparse.Namespace) -> None:
+    """Refuse quantization flags that would be silently ignored: without -q/--bpw nothing is
+    quantized, and --bpw chooses every tensor's bits and group size itself."""
+    from mlx_llama.errors import MlxLlamaError
+
+    given = {"--bits": args.bits, "--group-size": args.group_size,
+             "--embeddings-bits": args.embeddings_bits,
+             "--no-quantize-embeddings": args.no_quantize_embeddings or None}
+    if args.bpw is not None:
+        clash = [flag for flag, value in given.items() if value is not None]
+        if clash:
+            raise MlxLlamaError(f"--bpw chooses each tensor's format itself, so {', '.join(clash)} "
+                                "would be ignored: drop it, or use -q without --bpw")
+    elif not args.quantize:
+        given |= {"--method": args.method, "--calibrate": args.calibrate}
+        unused = [flag for flag, value in given.items() if value is not None]
+        if unused:
+            raise MlxLlamaError(f"{', '.join(unused)} only apply when quantizing: add -q "
+                                "(or --bpw)")
+
+
 def run_convert(args: argparse.Namespace) -> int:
     """Run a parsed `convert` command and return 0.
 
@@ -100,20 +121,21 @@ def run_convert(args: argparse.Namespace) -> int:
 
     from .api import convert
 
+    check_quantization_flags(args)
     try:
         convert(
             args.src,
             args.out,
             dtype=args.dtype,
             quantize=args.quantize,
-            bits=args.bits,
-            group_size=args.group_size,
-            embedding_bits=None if args.no_quantize_embeddings else args.embeddings_bits,
+            bits=args.bits or 4,
+            group_size=args.group_size or 64,
+            embedding_bits=None if args.no_quantize_embeddings else (args.embeddings_bits or 8),
             shard_size=args.shard_size,
             revision=args.revision,
             force=args.force,
             progress=not args.no_progress,
-            method=args.method,
+            method=args.method or "auto",
             bpw=args.bpw,
             calibrate=args.calibrate,
             eval_text=args.eval_text,

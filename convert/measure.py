@@ -228,7 +228,7 @@ def check_texts(eval_text: str | None, calibration: str | None) -> None:
     """Refuse a missing --eval or --calibrate file before any work is done."""
     from mlx_llama.perplexity import read_text
 
-    if eval_text is not None:
-        read_text(eval_text)
+    if eval_text is not None and not read_text(eval_text).strip():
+        raise MlxLlamaError(f"the --eval text {eval_text} is empty: give a text to score")
     if calibration is not None:
         read_calibration_text(calibration)

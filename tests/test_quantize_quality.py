@@ -419,11 +419,18 @@ def test_user_errors_are_one_line(trained, tmp_path, capsys):
     from convert.cli import main
 
     folder, _ = trained
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n")
     cases = [
-        (["--calibrate", str(tmp_path / "missing.txt")], "does not exist"),
+        (["-q", "--calibrate", str(tmp_path / "missing.txt")], "does not exist"),
+        (["--method", "gptq"], "--method only apply when quantizing: add -q"),
+        (["--bits", "8", "--calibrate", "builtin"], "--bits, --calibrate only apply when quantizing"),
+        (["--bpw", "4.5", "--bits", "8"], "so --bits would be ignored"),
+        (["--bpw", "4.5", "--no-quantize-embeddings"], "--no-quantize-embeddings would be ignored"),
         (["--eval", str(tmp_path / "missing.txt")], "does not exist"),
         (["--bpw", "4.5", "--method", "minmax"], "--method search"),
         (["--bpw", "2"], "--bpw 2.0 is out of range"),
+        (["-q", "--eval", str(empty)], "is empty"),
     ]
     for extra, message in cases:
         code = main([str(folder), "-o", str(tmp_path / "x"), *extra])
