@@ -155,13 +155,17 @@ def perplexity(model, tokens: Sequence[int], context: int = 512, stride: int | N
 # ------------------------------------------------------------------------------------------
 
 
+DEFAULT_CONTEXT = 512
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .cache_options import add_cache_arguments
     from .cli import add_model_argument
 
     add_model_argument(p)
     p.add_argument("--text", required=True, help="text file to score (UTF-8)")
-    p.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--context", type=int, default=None,
+                   help="window length in tokens (default 512, or the model's context if shorter)")
     p.add_argument("--stride", type=int, default=None,
                    help="tokens between window starts (default: the context, i.e. disjoint windows)")
     p.add_argument("--max-text-tokens", type=int, default=None,
@@ -187,14 +191,17 @@ def run(args: argparse.Namespace) -> int:
     from .cache_options import cache_spec
     from .cli import load_checked, resolve_model
 
-    stride = args.stride if args.stride is not None else args.context
-    check_window_options(args.context, stride)
+    if args.context is not None:  # refuse bad windows before loading anything
+        check_window_options(args.context, args.stride or args.context)
     for flag, value, least in (("--chunk", args.chunk, 1), ("--max-text-tokens", args.max_text_tokens, 2)):
         if value is not None and value < least:
             raise MlxLlamaError(f"{flag} must be at least {least}, got {value}")
     kind, options = cache_spec(args)
     text = read_text(args.text)
     model, tokenizer = load_checked(resolve_model(args.model))
+    context = args.context or min(DEFAULT_CONTEXT, model.config.max_position_embeddings)
+    stride = args.stride if args.stride is not None else context
+    check_window_options(context, stride)
     tokens = tokenizer.encode(text)
     if args.max_text_tokens is not None:
         tokens = tokens[: args.max_text_tokens]
@@ -203,18 +210,19 @@ def run(args: argparse.Namespace) -> int:
         model.make_cache(kind, **options)  # refuse bad options before any work
         make_cache = lambda: model.make_cache(kind, **options)  # noqa: E731
 
-    def progress(done: int, total: int) -> None:
-        print(f"\rwindow {done}/{total}", end="", file=sys.stderr, flush=True)
+    def progress(done: int, total: int) -> None:  # a line that redraws: only on a terminal
+        if sys.stderr.isatty():
+            print(f"\rwindow {done}/{total}", end="\n" if done == total else "",
+                  file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    result = perplexity(model, tokens, args.context, stride, make_cache=make_cache,
+    result = perplexity(model, tokens, context, stride, make_cache=make_cache,
                         chunk=args.chunk, progress=progress)
     elapsed = time.perf_counter() - start
-    print(file=sys.stderr)
     described = kind + (f" {options}" if options else "")
     print(f"perplexity: {result.ppl:.4f} ± {result.stderr:.4f}")
     print(f"mean NLL: {result.nll_mean:.5f} nats over {result.n_tokens} scored tokens "
-          f"({len(tokens)} in the text; context {args.context}, stride {stride}, cache {described})")
+          f"({len(tokens)} in the text; context {context}, stride {stride}, cache {described})")
     print(f"time: {elapsed:.1f} s ({result.n_tokens / max(elapsed, 1e-9):.1f} tok/s), "
           f"peak memory {mx.get_peak_memory() / 1e9:.3f} GB", file=sys.stderr)
     return 0

@@ -3,7 +3,9 @@ token by token, SmolLM2 within 0.5%), cache kinds judged by it, and the CLI."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -199,3 +201,15 @@ def test_cli_errors_are_one_line(tiny_checkpoints, tmp_path, capsys, argv, messa
     assert main(["perplexity", "-m", str(tiny_checkpoints["gqa"]), *argv]) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_cli_default_context_is_clamped_to_the_model(tiny_checkpoints, tmp_path, capsys):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_checkpoints["gqa"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 64}))
+    text = tmp_path / "t.txt"
+    text.write_text("Llamas are social animals and live with others as a herd. " * 20)
+    assert main(["perplexity", "-m", str(folder), "--text", str(text)]) == 0
+    captured = capsys.readouterr()
+    assert "context 64, stride 64" in captured.out and "\r" not in captured.err
