@@ -136,6 +136,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print()
     if last is not None:
         print_stats(last)
+        if last.finish_reason == "length" and last.generation_tokens < args.max_tokens:
+            print(f"note: stopped after {last.generation_tokens} tokens, at the end of the "
+                  "model's context (--max-kv-size lets a rotating cache go on)", file=sys.stderr)
     return 0
 
 

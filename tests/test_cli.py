@@ -299,3 +299,12 @@ def test_a_config_with_bad_values_is_one_line(tiny_checkpoints, tmp_path, capsys
 def test_a_seed_out_of_range_is_one_line(tiny_checkpoints, capsys):
     assert main(["generate", "-m", str(tiny_checkpoints["gqa"]), "-p", "hi", "--seed", "-1"]) == 1
     assert "invalid seed -1" in one_line_error(capsys.readouterr().err)
+
+
+def test_generate_says_when_the_context_cut_it_short(chat_model_ctx64, capsys):
+    """Greedy on this random model does not reach EOS in 64 tokens: the context ends the run."""
+    assert main(["generate", "-m", str(chat_model_ctx64), "--no-chat-template", "-p", "Llamas",
+                 "--max-tokens", "200"]) == 0
+    err = capsys.readouterr().err
+    generated = int(re.search(r"generation: (\d+) tokens", err).group(1))
+    assert generated < 200 and "at the end of the model's context" in err
