@@ -59,9 +59,14 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not role:
             raise MlxLlamaError(f"{where} has no valid 'role' (got {role!r}); {shape}")
-        if not isinstance(content, str):
-            got = "nothing" if content is None else type(content).__name__
-            raise MlxLlamaError(f"{where} ({role}) has 'content' of {got}, not str; {shape}")
+        if content is None and role == "assistant" and message.get("tool_calls"):
+            message["content"] = ""  # OpenAI history: a tool-calling turn has null content
+        elif content is None:
+            raise MlxLlamaError(f"{where} ({role}) has no 'content'; {shape}")
+        elif not isinstance(content, str):
+            raise MlxLlamaError(
+                f"{where} ({role}) has 'content' of {type(content).__name__}, not str; {shape}"
+            )
         clean.append(message)
     return clean
 

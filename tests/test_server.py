@@ -592,6 +592,138 @@ def test_one_log_line_per_request(client, caplog):
         assert part in line
 
 
+def test_undeclared_body_length_is_counted(server):
+    """Transfer-Encoding: chunked has no Content-Length; the cap still holds, and a body under
+    it reaches the app whole (then the client's disconnect still arrives)."""
+    import asyncio
+
+    from mlx_llama.server.app import GateMiddleware
+
+    seen = {}
+
+    async def app(scope, receive, send):
+        seen["body"] = (await receive())["body"]
+        seen["next"] = (await receive())["type"]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def call(chunks):
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                    for i, c in enumerate(chunks)] + [{"type": "http.disconnect"}]
+        sent = []
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
+        asyncio.run(GateMiddleware(app, None, max_body_bytes=100)(scope, receive, send))
+        return sent[0]["status"]
+
+    assert call([b"x" * 60, b"y" * 60]) == 413 and "body" not in seen
+    assert call([b"x" * 60, b"y" * 40]) == 200
+    assert seen == {"body": b"x" * 60 + b"y" * 40, "next": "http.disconnect"}
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                  b"\r\nTransfer-Encoding: chunked\r\nAuthorization: Bearer " + API_KEY.encode()
+                  + b"\r\n\r\n")
+        chunk = b"x" * (1 << 20)
+        reply = b""
+        try:
+            for _ in range(40):  # 40 MiB, over the 32 MiB cap
+                s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused mid-upload: the reply is already there
+        while b"}}" not in reply:
+            more = s.recv(65536)
+            if not more:
+                break
+            reply += more
+    assert reply.startswith(b"HTTP/1.1 413") and b'"request_too_large"' in reply
+
+
+def test_browsers_on_this_machine_may_call_it(server):
+    """CORS: pages served from localhost get the headers (preflight too, before the API key
+    gate, and on the gate's own 401); other origins do not unless --allowed-origin names them."""
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    url = f"{server.url}/v1/chat/completions"
+    local = httpx.options(url, headers={"Origin": "http://localhost:3000", **preflight})
+    assert local.status_code == 200
+    assert local.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "authorization" in local.headers["access-control-allow-headers"].lower()
+    foreign = httpx.options(url, headers={"Origin": "https://evil.example", **preflight})
+    assert "access-control-allow-origin" not in foreign.headers
+    refused = httpx.post(url, json=GOOD_CHAT, headers={"Origin": "http://127.0.0.1:5173"})
+    assert refused.status_code == 401
+    assert refused.headers["access-control-allow-origin"] == "http://127.0.0.1:5173"
+    named = create_app(server.worker, server.tokenizer, model_id=MODEL_ID,
+                       allowed_origins=["https://app.example"])
+    from starlette.testclient import TestClient
+
+    with TestClient(named) as c:
+        ok = c.options("/v1/models", headers={"Origin": "https://app.example",
+                                              "Access-Control-Request-Method": "GET"})
+        assert ok.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_fields_that_ask_for_nothing_are_accepted(client, http, server):
+    """What SDKs send by default (plain text, no tools) works; the modes that would change the
+    answer are refused in one line."""
+    body = {**GOOD_CHAT, "max_tokens": 2, "response_format": {"type": "text"},
+            "tool_choice": "none", "parallel_tool_calls": False, "top_p": 0}
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
+    for field, value in (("response_format", {"type": "json_object"}), ("tool_choice", "required")):
+        error = assert_openai_error(
+            http.post("/v1/chat/completions", json={**GOOD_CHAT, field: value}), 400)
+        assert error["param"] == field and "not supported" in error["message"]
+
+
+def test_developer_role_and_tool_call_history(http):
+    def prompt_tokens(messages):
+        r = http.post("/v1/chat/completions", json={**GOOD_CHAT, "messages": messages,
+                                                    "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    user = {"role": "user", "content": "Hi"}
+    assert (prompt_tokens([{"role": "developer", "content": "Be brief."}, user])
+            == prompt_tokens([{"role": "system", "content": "Be brief."}, user]))
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"id": "c1", "type": "function",
+                            "function": {"name": "f", "arguments": "{}"}}]}
+    assert prompt_tokens([user, call, user]) > 0
+    error = assert_openai_error(http.post("/v1/chat/completions", json={
+        **GOOD_CHAT, "messages": [{"role": "user"}]}), 400)
+    assert "has no 'content'" in error["message"]
+
+
+def test_text_far_over_the_context_is_refused_before_tokenizing(server, http, monkeypatch):
+    ctx = app_context(server)
+    limit = 2 * server.worker.context_length * ctx.longest_token
+    assert 1 < ctx.longest_token < 100
+    calls = []
+    monkeypatch.setattr(ctx.tokenizer, "encode", lambda *a, **k: calls.append(1) or [1])
+    for path, body in (("/v1/completions", {"model": MODEL_ID, "prompt": "x" * (limit + 1)}),
+                       ("/v1/chat/completions", {**GOOD_CHAT, "messages": [
+                           {"role": "user", "content": "x" * (limit + 1)}]})):
+        error = assert_openai_error(http.post(path, json=body), 400)
+        assert error["code"] == "context_length_exceeded" and "characters" in error["message"]
+    assert calls == []
+
+
+def app_context(server):
+    return server.server.config.app.state.ctx
+
+
+def test_an_empty_body_is_named(http):
+    error = assert_openai_error(http.post("/v1/completions", content=b"",
+                                          headers={"Content-Type": "application/json"}), 400)
+    assert error["message"] == "the request body is empty: send a JSON object"
+
+
 def test_declared_oversized_body_gets_413(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

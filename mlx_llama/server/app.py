@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from ..errors import MlxLlamaError
 from ..sampling import SamplingParams
@@ -91,15 +92,49 @@ class GateMiddleware:
                     401, f"{what} API key: send 'Authorization: Bearer <key>' with the key "
                     "the server was started with (--api-key or MLX_LLAMA_API_KEY)",
                     code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        length = headers.get(b"content-length", b"0")
-        if refusal is None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            refusal = error_json(413, f"the request body is larger than {self.max_body_bytes} "
-                                 "bytes: send a shorter prompt", code="request_too_large")
+        too_large = error_json(413, f"the request body is larger than {self.max_body_bytes} "
+                               "bytes: send a shorter prompt", code="request_too_large")
+        length = headers.get(b"content-length")
+        if refusal is None and length is not None and (
+                not length.isdigit() or int(length) > self.max_body_bytes):
+            refusal = too_large
+        if refusal is None and length is None:
+            # No declared length (Transfer-Encoding: chunked): count the bytes as they come,
+            # then hand the app the body it would have read anyway.
+            body = await self.read_capped(receive)
+            if body is None:
+                refusal = too_large
+            else:
+                receive = replay(body, receive)
         if refusal is not None:
             log.info("- %s %s status=%d", scope.get("method"), scope.get("path"),
                      refusal.status_code)
             return await refusal(scope, receive, send)
         return await self.app(scope, receive, send)
+
+    async def read_capped(self, receive) -> bytes | None:
+        """The whole body, or None as soon as it passes `max_body_bytes`."""
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: nothing to answer
+                return bytes(body)
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                return None
+            if not message.get("more_body", False):
+                return bytes(body)
+
+
+def replay(body: bytes, receive):
+    """An ASGI `receive` that gives `body` first, then whatever the client sends next (the
+    disconnect the streaming handlers watch for)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive_again():
+        return pending.pop() if pending else await receive()
+
+    return receive_again
 
 
 # ------------------------------------------------------------------------------------------
@@ -113,6 +148,17 @@ class ServerContext:
     tokenizer: Any
     model_id: str
     created: int
+    longest_token: int = 64  # characters in the vocabulary's longest token (see create_app)
+
+    def check_prompt_chars(self, n_chars: int, param: str) -> None:
+        """Refuse, before tokenizing, text that cannot fit the context however it splits:
+        tokenizing megabytes holds the interpreter for seconds, and every other request
+        (health checks included) waits that long. Twice the bound, for templates and merges."""
+        limit = 2 * self.worker.context_length * self.longest_token
+        if n_chars > limit:
+            raise APIError(400, f"the {param} has {n_chars} characters, far more than the "
+                           f"model's context of {self.worker.context_length} tokens can hold: "
+                           "shorten it", param=param, code="context_length_exceeded")
 
     def check_model(self, name: str) -> None:
         if name != self.model_id:
@@ -126,6 +172,16 @@ def reject_unsupported(body: S.SamplingFields) -> None:
         raise APIError(400, f"n={body.n} is not supported: this server returns one choice per "
                        "request; send n=1 or leave it out, and send several requests for "
                        "several answers", param="n", code="unsupported_value")
+    if not isinstance(body, S.ChatCompletionRequest):
+        return
+    if body.response_format is not None and body.response_format.type != "text":
+        raise APIError(400, f"response_format {body.response_format.type!r} is not supported: "
+                       "this server writes plain text; drop response_format or send "
+                       "{\"type\": \"text\"}", param="response_format", code="unsupported_value")
+    if body.tool_choice not in (None, "none", "auto"):
+        raise APIError(400, f"tool_choice {body.tool_choice!r} is not supported: this server "
+                       "has no tool calling; drop tool_choice or send \"none\"",
+                       param="tool_choice", code="unsupported_value")
 
 
 def sampling_params(body: S.SamplingFields, vocab_size: int) -> SamplingParams:
@@ -527,6 +583,7 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request):
         raise APIError(400, "top_logprobs needs logprobs=true; set logprobs or drop top_logprobs",
                        param="top_logprobs")
     messages = [m.for_template() for m in body.messages]
+    ctx.check_prompt_chars(sum(len(m.get("content", "")) for m in messages), "messages")
     tokens = await encode(
         lambda: ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                   tokenize=True), param="messages")
@@ -574,6 +631,7 @@ async def completions(body: S.CompletionRequest, request: Request):
     if isinstance(prompt, str) and not prompt:
         raise APIError(400, "the prompt is empty: give some text", param="prompt")
     if isinstance(prompt, str):
+        ctx.check_prompt_chars(len(prompt), "prompt")
         tokens = await encode(ctx.tokenizer.encode, prompt, param="prompt")
     elif prompt:
         tokens = list(prompt)
@@ -611,6 +669,7 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
     param = ".".join(p for p in loc if not any(c in p for c in "[](") and p not in
                      ("str", "int", "float", "bool", "list", "dict")) or None
     kind = first.get("type", "")
+    code = VALIDATION_CODES.get(kind, "invalid_type" if kind.endswith("_type") else "invalid_value")
     if kind == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
         message = f"the request body is not valid JSON ({detail}): send a JSON object"
@@ -618,6 +677,9 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
     elif kind == "extra_forbidden":
         message = (f"unknown parameter '{param}': this server does not support it; "
                    "remove it from the request")
+    elif kind == "missing" and param is None:  # no body at all
+        message = "the request body is empty: send a JSON object"
+        code = "missing_body"
     elif kind == "missing":
         message = f"missing required parameter '{param}'"
     elif kind == "model_attributes_type" or (not loc and kind.endswith("_type")):
@@ -625,7 +687,6 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
                    "'Content-Type: application/json'")
     else:
         message = f"invalid '{param}': {first.get('msg', 'invalid value')}"
-    code = VALIDATION_CODES.get(kind, "invalid_type" if kind.endswith("_type") else "invalid_value")
     return error_json(400, message, param=param, code=code)
 
 
@@ -671,9 +732,29 @@ def install_error_handlers(app: FastAPI) -> None:
 # ------------------------------------------------------------------------------------------
 
 
+def longest_token_chars(tokenizer) -> int:
+    """An upper bound on the characters one token stands for: the longest vocabulary entry as
+    stored (byte-level and SentencePiece pieces spell each byte or character with at least one
+    character of their own)."""
+    longest, token_id = 1, 0
+    while (piece := tokenizer.id_to_token(token_id)) is not None:
+        longest = max(longest, len(piece))
+        token_id += 1
+    return longest
+
+
+# Browser pages on this machine may call the server by default (as Ollama allows); other
+# origins only when named, since any web page a user visits could otherwise use the model.
+LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+
+
 def create_app(worker: GenerationWorker, tokenizer, *, model_id: str,
-               api_key: str | None = None, stop_worker_on_shutdown: bool = False) -> FastAPI:
-    """The ASGI app serving `worker`'s model (the worker must already be started)."""
+               api_key: str | None = None, stop_worker_on_shutdown: bool = False,
+               allowed_origins: list[str] | None = None) -> FastAPI:
+    """The ASGI app serving `worker`'s model (the worker must already be started).
+
+    `allowed_origins`: web origins (or "*") that browsers may call from, besides pages served
+    from this machine."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -683,8 +764,14 @@ def create_app(worker: GenerationWorker, tokenizer, *, model_id: str,
 
     app = FastAPI(title="mlx-llama", description="OpenAI-compatible local server",
                   lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.ctx = ServerContext(worker, tokenizer, model_id, int(time.time()))
+    app.state.ctx = ServerContext(worker, tokenizer, model_id, int(time.time()),
+                                  longest_token_chars(tokenizer))
     app.include_router(router)
     install_error_handlers(app)
     app.add_middleware(GateMiddleware, api_key=api_key)
+    # Outermost: preflights (which carry no API key) are answered before the gate, and the
+    # gate's 401/413 carry the headers a browser needs to read them.
+    app.add_middleware(CORSMiddleware, allow_origins=allowed_origins or [],
+                       allow_origin_regex=LOCAL_ORIGINS, allow_methods=["GET", "POST"],
+                       allow_headers=["Authorization", "Content-Type"], max_age=600)
     return app

@@ -47,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests that may wait for the model; more get 429 (default 16)")
     p.add_argument("--prompt-cache-bytes", type=parse_bytes, default=2 << 30,
                    help="memory for reusable prompt caches, e.g. 512M, 2G; 0 disables (default 2G)")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin whose pages may call the server, e.g. "
+                   "https://app.example.com, or * for any (repeatable; pages served from "
+                   "localhost always may)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
 
@@ -69,7 +73,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def build(folder: Path, *, model_name: str | None = None, api_key: str | None = None,
           max_queue: int = 16, prompt_cache_bytes: int = 2 << 30,
-          cache_kind: tuple[str, dict] = ("default", {})):
+          cache_kind: tuple[str, dict] = ("default", {}), allowed_origins: list[str] | None = None):
     """Load the tokenizer, start the worker (which loads the model) and build the app."""
     from ..tokenizer import load_tokenizer
     from .app import create_app
@@ -80,7 +84,7 @@ def build(folder: Path, *, model_name: str | None = None, api_key: str | None = 
                               prompt_cache_bytes=prompt_cache_bytes,
                               cache_kind=cache_kind).start()
     app = create_app(worker, tokenizer, model_id=model_name or folder.name, api_key=api_key,
-                     stop_worker_on_shutdown=True)
+                     stop_worker_on_shutdown=True, allowed_origins=allowed_origins)
     return app, worker
 
 
@@ -109,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     folder = resolve_model(args.model)
     app, worker = build(folder, model_name=args.model_name, api_key=api_key,
                         max_queue=args.max_queue, prompt_cache_bytes=args.prompt_cache_bytes,
-                        cache_kind=cache_spec(args))
+                        cache_kind=cache_spec(args), allowed_origins=args.allowed_origin)
     model_id = app.state.ctx.model_id
     log.info("serving %r (context %d tokens) on http://%s:%d/v1", model_id,
              worker.context_length, args.host, args.port)

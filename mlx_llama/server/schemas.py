@@ -52,8 +52,12 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
     def for_template(self) -> dict[str, Any]:
-        """The message as a chat template reads it: content as one string, no None values."""
+        """The message as a chat template reads it: content as one string, no None values,
+        and OpenAI's `developer` role (its newer name for `system`) as `system`, the role
+        templates know."""
         data = self.model_dump(exclude_none=True)
+        if data["role"] == "developer":
+            data["role"] = "system"
         if isinstance(self.content, list):
             data["content"] = "\n".join(part.text for part in self.content)
         return data
@@ -89,11 +93,22 @@ class SamplingFields(Strict):
     service_tier: str | None = None
 
 
+class ResponseFormat(Strict):
+    """Only plain text is produced; the handler refuses the JSON modes in one line."""
+
+    type: str
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Accepted at the values that ask for nothing (what SDKs send by default); the handler
+    # refuses any other value: no tools, no JSON mode here.
+    response_format: ResponseFormat | None = None
+    tool_choice: str | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(SamplingFields):
