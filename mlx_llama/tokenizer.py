@@ -80,6 +80,8 @@ class _TokenizersBackend:
         added = self._tok.get_added_tokens_decoder()
         self.special_ids = frozenset(i for i, t in added.items() if t.special)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        self.byte_level = '"ByteLevel"' in json.dumps(decoder)  # GPT-2 style: a char per byte
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -334,6 +336,17 @@ class Tokenizer:
             ids = ids.tolist()  # numpy / mlx arrays
         return self._backend.decode([int(i) for i in ids])
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to the text (what OpenAI's logprobs `bytes` holds): a
+        token may be part of a character, which no str of its own can show."""
+        piece = self.id_to_token(token_id) or ""
+        byte = _BYTE_PIECE.fullmatch(piece)
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        if getattr(self._backend, "byte_level", False) and all(c in _UNICODE_TO_BYTE for c in piece):
+            return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+        return piece.replace("\u2581", " ").encode("utf-8")
+
     def detokenizer(self) -> StreamingDetokenizer:
         """A fresh streaming detokenizer for one generated sequence."""
         return StreamingDetokenizer(self._backend.decode, self.all_special_ids)
@@ -492,6 +505,18 @@ def _resolve_eos(
         if marker in templates_text and marker_id in backend.special_ids:
             eos_ids.add(marker_id)
     return eos_id, eos_ids
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the printable Latin-1 bytes stand for themselves
+    and the other 68 bytes for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+_UNICODE_TO_BYTE = _byte_level_alphabet()
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def check_utf8(text: str) -> None:

@@ -249,12 +249,45 @@ def test_logprobs(client, http):
         assert item.logprob <= 0
         # Greedy: the chosen token is the most likely one.
         assert item.logprob == pytest.approx(item.top_logprobs[0].logprob, abs=1e-5)
-    assert "".join(i.token for i in content).strip() == reply.choices[0].message.content.strip()
+    spelled = b"".join(bytes(i.bytes) for i in content).decode("utf-8", errors="replace")
+    assert spelled.strip() == reply.choices[0].message.content.strip()
     legacy = client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=4, temperature=0,
                                        logprobs=2, logit_bias=NO_EOS)
     lp = legacy.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     assert all(len(t) <= 2 for t in lp.top_logprobs)
+
+
+def spelled(items) -> str:
+    return b"".join(bytes(i.bytes) for i in items).decode("utf-8", errors="replace")
+
+
+def test_logprobs_spell_the_text_stop_strings_and_end_tokens_left_out(client):
+    """A logprob is sent with the last of its token's text: the tokens of a stop string (held
+    back, never sent) and an end token have none, and a stream never runs ahead of its text."""
+    kw = dict(max_tokens=40, temperature=0, logit_bias=NO_EOS, logprobs=True)
+    full = chat(client, "Count the llamas.", **kw).choices[0].message.content
+    stop = printable_stop(full)
+    reply = chat(client, "Count the llamas.", stop=stop, **kw)
+    text = reply.choices[0].message.content
+    assert text == full[: full.find(stop)] and spelled(reply.choices[0].logprobs.content) == text
+    content, items = "", []
+    for chunk in chat(client, "Count the llamas.", stop=stop, stream=True, **kw):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            items += (choice.logprobs.content or []) if choice.logprobs else []
+            assert content.startswith(spelled(items))
+    assert content == text and spelled(items) == text
+    ended = chat(client, "Stop now.", max_tokens=5, temperature=0, logprobs=True,
+                 logit_bias={str(EOS): 100})
+    assert ended.choices[0].finish_reason == "stop" and not ended.choices[0].logprobs.content
+    legacy = client.completions.create(model=MODEL_ID, prompt="Llamas can", stop=stop,
+                                       max_tokens=30, temperature=0, logit_bias=NO_EOS, logprobs=1)
+    lp, text = legacy.choices[0].logprobs, legacy.choices[0].text
+    assert lp.text_offset == sorted(lp.text_offset) and all(o <= len(text) for o in lp.text_offset)
+    assert len(lp.tokens) == len(lp.text_offset) == len(lp.token_logprobs) > 0
+    if not any(t.startswith("bytes:") for t in lp.tokens):
+        assert "".join(lp.tokens) == text
 
 
 def test_max_completion_tokens_and_penalties(client):

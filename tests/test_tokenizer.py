@@ -401,3 +401,35 @@ def test_encode_names_text_that_is_not_utf8(llama2_dir, llama3_dir, text, named)
     for folder in (llama2_dir, llama3_dir):
         with pytest.raises(MlxLlamaError, match=re.escape(f"not valid UTF-8 ({named})")):
             load_tokenizer(folder).encode(text)
+
+
+@pytest.mark.parametrize("name", ["llama2-spm", "llama3-bpe", "smollm2"])
+def test_token_bytes_spell_the_text(tokenizers, name):
+    """Each token's bytes, concatenated, are the text's UTF-8 (emoji split over byte tokens
+    included): what OpenAI's logprobs `bytes` promises clients that rebuild characters."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    from mlx_llama.tokenizer import _UNICODE_TO_BYTE
+
+    assert set(_UNICODE_TO_BYTE) == set(ByteLevel.alphabet())
+    assert sorted(_UNICODE_TO_BYTE.values()) == list(range(256))
+    tok = tokenizers[name]
+    for text in ("Llamas 🦙🦙 are naïve, café — 日本語", "x\n\tdef f(a):  return a"):
+        ids = tok.encode(text, add_special_tokens=False)
+        pieces = [tok.token_bytes(i) for i in ids]
+        # SentencePiece adds a dummy-prefix space to the text it encodes.
+        assert b"".join(pieces) in (text.encode(), b" " + text.encode()), (pieces, text)
+    partial = [p for p in pieces_of(tok, "🦙🦙") if not _decodes(p)]
+    assert partial or name == "llama3-bpe"  # that toy vocabulary has whole emoji tokens
+
+
+def pieces_of(tok, text: str) -> list[bytes]:
+    return [tok.token_bytes(i) for i in tok.encode(text, add_special_tokens=False)]
+
+
+def _decodes(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False

@@ -17,6 +17,7 @@ request writes one log line.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hmac
 import json
 import logging
@@ -369,14 +370,15 @@ class CompletionFormat:
         self.id, self.model, self.created = job.id, model, int(time.time())
         self.want_logprobs = want_logprobs
         self.offset = 0  # characters of completion text before the next token
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def _logprobs(self, items: list[TokenLogprob]) -> S.CompletionLogprobs | None:
         if not self.want_logprobs:
             return None
         offsets = []
-        for i in items:
+        for i in items:  # characters of the text before each token (a split one: whole ones)
             offsets.append(self.offset)
-            self.offset += len(i.token)
+            self.offset += len(self.utf8.decode(bytes(i.bytes)))
         return S.CompletionLogprobs(
             tokens=[i.token for i in items], token_logprobs=[i.logprob for i in items],
             top_logprobs=[{t: v for t, v, _ in i.top} for i in items], text_offset=offsets)
@@ -449,7 +451,7 @@ async def stream_events(ctx: ServerContext, job: Job, queue: asyncio.Queue, fmt,
             while not queue.empty() and not isinstance(events[-1], (Finished, Failed)):
                 events.append(queue.get_nowait())
             text = "".join(e.text for e in events if isinstance(e, Delta))
-            items = [e.logprob for e in events if isinstance(e, Delta) and e.logprob is not None]
+            items = [lp for e in events if isinstance(e, Delta) for lp in e.logprobs]
             if text or items:
                 yield sse(fmt.piece(text, items, include_usage))
             last = events[-1]
@@ -490,8 +492,7 @@ async def collect(request: Request, ctx: ServerContext, job: Job, queue: asyncio
             event = await queue.get()
             if isinstance(event, Delta):
                 parts.append(event.text)
-                if event.logprob is not None:
-                    items.append(event.logprob)
+                items.extend(event.logprobs)
             elif isinstance(event, Finished):
                 finished = True
                 log_request(job, fmt.route, 200, event, started)

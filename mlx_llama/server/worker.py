@@ -18,6 +18,7 @@ forward passes; HTTP handlers only enqueue `Job`s and read the events a job emit
 
 from __future__ import annotations
 
+import codecs
 import collections
 import functools
 import logging
@@ -67,11 +68,59 @@ class TokenLogprob:
 
 @dataclass
 class Delta:
-    """New text (possibly empty: held back by the detokenizer or a possible stop string)."""
+    """New text (possibly empty: held back by the detokenizer or a possible stop string), and
+    the logprobs of the tokens that text completes (see `LogprobAligner`)."""
 
     text: str
     token: int
-    logprob: TokenLogprob | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class LogprobAligner:
+    """Releases a token's logprob with the text it spells, not when it is sampled.
+
+    Text is held back while it may be part of a stop string or of a character, and a stop
+    string is never sent; a token's logprob is sent in the same piece as the last of its
+    text, so a streamed chunk's tokens spell its content, and the tokens of a stop string, of
+    an end token or of a character left unfinished are never sent. A private detokenizer says
+    how many characters the tokens so far spell; when one piece of text completes several
+    tokens (the bytes of one character, stray bytes shown as U+FFFD), their own bytes say
+    where in the piece each one ends.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.detokenizer = tokenizer.detokenizer()
+        self.waiting: list[TokenLogprob] = []  # their text is not out of the detokenizer yet
+        self.placed: list[tuple[int, TokenLogprob]] = []  # (where its text ends, logprob)
+        self.spelled = 0  # characters the tokens so far spell
+        self.released = 0  # characters sent to the client
+
+    def add(self, token: int, logprob: TokenLogprob, released: str, last: bool) -> list[TokenLogprob]:
+        self.waiting.append(logprob)
+        self._place(self.detokenizer.add_token(token))
+        if last:
+            self._place(self.detokenizer.finalize())
+        self.released += len(released)
+        ready = [lp for end, lp in self.placed if end <= self.released]
+        self.placed = [(end, lp) for end, lp in self.placed if end > self.released]
+        return ready
+
+    def _place(self, piece: str) -> None:
+        if not piece:
+            return
+        start, self.spelled = self.spelled, self.spelled + len(piece)
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        chars, unfinished = 0, []
+        for lp in self.waiting:
+            unfinished.append(lp)
+            new = len(utf8.decode(bytes(lp.bytes)))
+            if new:
+                chars += new
+                self.placed += [(min(start + chars, self.spelled), x) for x in unfinished]
+                unfinished = []
+        self.placed += [(self.spelled, x) for x in unfinished]
+        self.placed[-1] = (self.spelled, self.placed[-1][1])  # the newest token ends the piece
+        self.waiting = []
 
 
 @dataclass
@@ -308,7 +357,7 @@ class GenerationWorker:
                 raise Cancelled()
 
         try:
-            finished = None
+            finished, aligner = None, None
             for r in stream_generate(
                 self.model, self.tokenizer, job.tokens, job.max_tokens,
                 sampling=job.sampling, stop=job.stop, cache=cache,
@@ -324,8 +373,12 @@ class GenerationWorker:
                     raise Cancelled()
                 record.completion_tokens = r.generation_tokens
                 record.decode_tps = r.generation_tps
-                lp = self._logprob(r.token, r.logprobs, job.top_logprobs) if r.logprobs is not None else None
-                job.emit(Delta(r.text, r.token, lp))
+                ready = []
+                if r.logprobs is not None:
+                    aligner = aligner or LogprobAligner(self.tokenizer)
+                    ready = aligner.add(r.token, self._logprob(r.token, r.logprobs, job.top_logprobs),
+                                        r.text, last=r.finish_reason is not None)
+                job.emit(Delta(r.text, r.token, ready))
                 if r.finish_reason is not None:
                     finished = Finished(r.finish_reason, r.prompt_tokens, r.cached_tokens,
                                         r.generation_tokens, r.prompt_tps, r.generation_tps)
@@ -364,32 +417,24 @@ class GenerationWorker:
             pairs = sorted(zip(top_ids.tolist(), top_vals.tolist()), key=lambda p: -p[1])
         else:
             pairs = []
-        text = self.token_text(token)
-        return TokenLogprob(
-            token=text, logprob=float(chosen.item()), bytes=list(text.encode("utf-8")),
-            top=[(self.token_text(i), v, list(self.token_text(i).encode("utf-8")))
-                 for i, v in pairs],
-        )
-
-    def token_text(self, token: int) -> str:
-        return _token_text(self.tokenizer, token)
+        top = []
+        for token_id, value in pairs:
+            name, raw = token_piece(self.tokenizer, token_id)
+            top.append((name, value, list(raw)))
+        text, raw = token_piece(self.tokenizer, token)
+        return TokenLogprob(token=text, logprob=float(chosen.item()), bytes=list(raw), top=top)
 
 
 @lru_cache(maxsize=65536)
-def _token_text_cached(tokenizer, token: int) -> str:
-    text = tokenizer.decode([token])
-    raw = tokenizer.id_to_token(token) or ""
-    # Decoding one token drops a word-initial space ("▁the" / "Ġthe" -> "the"); keep it.
-    if raw[:1] in ("\u2581", "\u0120") and not text.startswith(" "):
-        text = " " + text
-    return text
-
-
-def _token_text(tokenizer, token: int) -> str:
+def token_piece(tokenizer, token: int) -> tuple[str, bytes]:
+    """A token as OpenAI's logprobs show it: its text (word-initial space kept) and its bytes;
+    a token that is part of a character shows as "bytes:\\xf0\\x9f" (as OpenAI writes it),
+    so different tokens never share one name."""
+    raw = tokenizer.token_bytes(int(token))
     try:
-        return _token_text_cached(tokenizer, int(token))
-    except TypeError:  # an unhashable tokenizer
-        return tokenizer.decode([int(token)])
+        return raw.decode("utf-8"), raw
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
 
 
 def load_model_fn(folder: Path) -> Callable[[], object]:
