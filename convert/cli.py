@@ -16,6 +16,8 @@ import os
 import re
 import sys
 
+from mlx_llama.cli import OneLineParser
+
 DESCRIPTION = (
     "Convert a Hugging Face Llama model (local folder or hub repo id) or a .gguf file into an "
     "MLX model folder, optionally quantized."
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point: returns the exit status (0, or 1 after one error line)."""
     from mlx_llama.errors import MlxLlamaError
 
-    parser = configure_parser(argparse.ArgumentParser(prog="mlx-llama convert", description=DESCRIPTION))
+    parser = configure_parser(OneLineParser(prog="mlx-llama convert", description=DESCRIPTION))
     args = parser.parse_args(argv)
     try:
         run_convert(args)

@@ -148,10 +148,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_repl(args)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line naming it and where the usage is, not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .cache_options import add_cache_arguments
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mlx-llama",
         description="Run Llama-family models locally with MLX: convert, generate, chat, serve.",
     )

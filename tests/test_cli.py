@@ -308,3 +308,12 @@ def test_generate_says_when_the_context_cut_it_short(chat_model_ctx64, capsys):
     err = capsys.readouterr().err
     generated = int(re.search(r"generation: (\d+) tokens", err).group(1))
     assert generated < 200 and "at the end of the model's context" in err
+
+
+@pytest.mark.parametrize("argv", [["convert", "x", "-o", "y", "--group-size", "48"],
+                                  ["generate", "--bogus"], []])
+def test_a_bad_flag_is_one_line(argv):
+    result = run_cli(*argv)
+    assert result.returncode == 2
+    line = one_line_error(result.stderr)
+    assert "--help" in line

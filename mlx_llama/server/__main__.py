@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from ..errors import MlxLlamaError
+from ..cli import OneLineParser
 from . import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlx_llama.server",
-                                     description=(cli.__doc__ or "").splitlines()[0])
+    parser = OneLineParser(prog="python -m mlx_llama.server",
+                           description=(cli.__doc__ or "").splitlines()[0])
     cli.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
