@@ -263,8 +263,9 @@ def spelled(items) -> str:
 
 
 def test_logprobs_spell_the_text_stop_strings_and_end_tokens_left_out(client):
-    """A logprob is sent with the last of its token's text: the tokens of a stop string (held
-    back, never sent) and an end token have none, and a stream never runs ahead of its text."""
+    """A logprob is sent with the last of its token's text: tokens wholly inside a stop string
+    (held back, never sent) and an end token have none, and a stream never runs ahead of its
+    text."""
     kw = dict(max_tokens=40, temperature=0, logit_bias=NO_EOS, logprobs=True)
     full = chat(client, "Count the llamas.", **kw).choices[0].message.content
     stop = printable_stop(full)
@@ -853,3 +854,47 @@ def test_cached_memory_is_released_after_each_request(server, client):
     reply = chat(client, "Hello there", max_tokens=8, temperature=0)
     assert server.record(reply.id).finished_at is not None  # filed after the release
     assert mx.get_cache_memory() == 0
+
+
+def release(tokenizer, ids, stop):
+    """What stream_generate sends per token (its detokenizer, then its stop-string hold)."""
+    from mlx_llama.generate import StopStrings
+
+    detok, stops, out = tokenizer.detokenizer(), StopStrings([stop] if stop else []), []
+    for n, token in enumerate(ids, start=1):
+        text, hit = stops.feed(detok.add_token(token))
+        if hit or n == len(ids):
+            tail, hit2 = ("", True) if hit else stops.feed(detok.finalize())
+            out.append((text + tail + ("" if hit or hit2 else stops.flush()), True))
+            return out
+        out.append((text, False))
+
+
+@pytest.mark.parametrize("tok_dir, text, stop", [
+    ("llama3_dir", "안녕 하세요 llamas", None),  # a byte-level token spans two characters
+    ("llama3_dir", "Hello llamas and alpacas", "amas and"),  # a stop cut inside a token
+    ("llama2_dir", "Hello llamas 🦙 and alpacas", "lpa"),  # SentencePiece: space dropped; bytes
+    ("smol_dir", "Llamas 🦙🦙 are calm, naïve", "e ca"),
+])
+def test_logprob_aligner_never_runs_ahead_and_covers_what_was_sent(request, tok_dir, text, stop):
+    from mlx_llama.server.worker import LogprobAligner, TokenLogprob
+    from mlx_llama.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(request.getfixturevalue(tok_dir))
+    ids = tok.encode(text, add_special_tokens=False) + [min(tok.eos_token_ids)]
+    sent = release(tok, ids, stop)
+    aligner, content, items = LogprobAligner(tok), "", []
+    for token, (piece, last) in zip(ids, sent):
+        lp = TokenLogprob(token=str(token), logprob=0.0, bytes=list(tok.token_bytes(token)), top=[])
+        items += aligner.add(token, lp, piece, last)
+        content += piece
+        if not last:  # (SentencePiece's decoder drops the first word-initial space)
+            so_far = b"".join(bytes(i.bytes) for i in items)
+            assert content.encode().startswith(so_far.removeprefix(b" ")), (content, items)
+    spelled = b"".join(bytes(i.bytes) for i in items).decode("utf-8", "replace").lstrip(" ")
+    assert content == (text[: text.find(stop)] if stop else text)
+    assert spelled.startswith(content) and all(int(i.token) not in tok.all_special_ids for i in items)
+    if stop:  # the tokens wholly inside the stop string are left out
+        assert len(spelled) < len(content) + len(stop)
+    else:
+        assert spelled == content

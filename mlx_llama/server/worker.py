@@ -79,47 +79,52 @@ class Delta:
 class LogprobAligner:
     """Releases a token's logprob with the text it spells, not when it is sampled.
 
-    Text is held back while it may be part of a stop string or of a character, and a stop
-    string is never sent; a token's logprob is sent in the same piece as the last of its
-    text, so a streamed chunk's tokens spell its content, and the tokens of a stop string, of
-    an end token or of a character left unfinished are never sent. A private detokenizer says
-    how many characters the tokens so far spell; when one piece of text completes several
-    tokens (the bytes of one character, stray bytes shown as U+FFFD), their own bytes say
-    where in the piece each one ends.
+    Text is held back while it may be part of a stop string or of a character; a token's
+    logprob goes out with the piece that sends the last of its text, so a stream's tokens
+    never run ahead of its content. When the run ends, a token whose text was partly sent (a
+    stop string cut inside it) goes out too, so every sent character has its token; tokens
+    wholly inside a stop string, and end tokens (no text at all), never do.
+
+    Where each token's text starts and ends comes from its bytes, decoded as one stream (a
+    token that ends inside a character ends with that character); a private detokenizer's
+    pieces give the offset between that stream and the text, which is not zero when the
+    decoder drops a SentencePiece word-initial space.
     """
 
     def __init__(self, tokenizer) -> None:
         self.detokenizer = tokenizer.detokenizer()
-        self.waiting: list[TokenLogprob] = []  # their text is not out of the detokenizer yet
-        self.placed: list[tuple[int, TokenLogprob]] = []  # (where its text ends, logprob)
-        self.spelled = 0  # characters the tokens so far spell
+        self.special = frozenset(tokenizer.all_special_ids)
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stream_chars = 0  # whole characters the tokens' bytes spell so far
+        self.spelled = 0  # characters of text the tokens spell so far
+        self.waiting: list[tuple[int, int, TokenLogprob]] = []  # in stream characters
+        self.placed: list[tuple[int, int, TokenLogprob]] = []  # in text characters
         self.released = 0  # characters sent to the client
 
     def add(self, token: int, logprob: TokenLogprob, released: str, last: bool) -> list[TokenLogprob]:
-        self.waiting.append(logprob)
-        self._place(self.detokenizer.add_token(token))
+        if int(token) not in self.special:
+            start = self.stream_chars
+            self.stream_chars += len(self.utf8.decode(bytes(logprob.bytes)))
+            inside = 1 if self.utf8.getstate()[0] else 0
+            self.waiting.append((start, self.stream_chars + inside, logprob))
+            self._place(self.detokenizer.add_token(token))
         if last:
             self._place(self.detokenizer.finalize())
         self.released += len(released)
-        ready = [lp for end, lp in self.placed if end <= self.released]
-        self.placed = [(end, lp) for end, lp in self.placed if end > self.released]
-        return ready
+        ready, kept = [], []
+        for entry in self.placed:
+            start, end, _ = entry
+            sent = start < self.released if last else end <= self.released
+            (ready if sent else kept).append(entry)
+        self.placed = kept
+        return [lp for _, _, lp in ready]
 
     def _place(self, piece: str) -> None:
         if not piece:
             return
-        start, self.spelled = self.spelled, self.spelled + len(piece)
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        chars, unfinished = 0, []
-        for lp in self.waiting:
-            unfinished.append(lp)
-            new = len(utf8.decode(bytes(lp.bytes)))
-            if new:
-                chars += new
-                self.placed += [(min(start + chars, self.spelled), x) for x in unfinished]
-                unfinished = []
-        self.placed += [(self.spelled, x) for x in unfinished]
-        self.placed[-1] = (self.spelled, self.placed[-1][1])  # the newest token ends the piece
+        self.spelled += len(piece)
+        shift = max(self.stream_chars - self.spelled, 0)
+        self.placed += [(max(a - shift, 0), max(b - shift, 0), lp) for a, b, lp in self.waiting]
         self.waiting = []
 
 
