@@ -15,6 +15,7 @@ otherwise (bfloat16 halves it). With no declaration each tensor keeps its stored
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,10 +367,11 @@ def verify_folder(folder: Path) -> None:
 
     try:
         load_tokenizer(folder)
-    except MlxLlamaError as e:
+    except MlxLlamaError as e:  # name the file, not the temporary folder it was copied to
+        what = str(e).split(":")[0].replace(f"{folder}{os.sep}", "").replace(str(folder), "")
         raise MlxLlamaError(
-            f"the source's tokenizer does not load ({str(e).split(':')[0]}): replace its "
-            "tokenizer files with the original model's"
+            f"the tokenizer does not load ({what.strip()}): give a source whose tokenizer "
+            "files are the original model's"
         ) from None
     if not finite:
         raise MlxLlamaError(

@@ -109,7 +109,8 @@ def check_quantization_flags(args: argparse.Namespace) -> None:
         given |= {"--method": args.method, "--calibrate": args.calibrate}
         unused = [flag for flag, value in given.items() if value is not None]
         if unused:
-            raise MlxLlamaError(f"{', '.join(unused)} only apply when quantizing: add -q "
+            verb = "applies" if len(unused) == 1 else "apply"
+            raise MlxLlamaError(f"{', '.join(unused)} only {verb} when quantizing: add -q "
                                 "(or --bpw)")
 
 

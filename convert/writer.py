@@ -150,7 +150,8 @@ def check_destination(out: Path, force: bool) -> None:
             f"output folder {out} already exists: pass --force to replace it, or choose another path"
         )
     # --force deletes the old folder: only ever a model folder, never e.g. `-o .` in a project.
-    if not (out / "config.json").is_file():
+    visible = [p for p in out.iterdir() if not p.name.startswith(".")]  # .DS_Store and kin
+    if visible and not (out / "config.json").is_file():
         raise MlxLlamaError(
             f"output folder {out} is not a model folder (no config.json), so --force will not "
             "delete it: choose another output path"

@@ -37,6 +37,8 @@ def run_repl(args: argparse.Namespace) -> int:
 def converse(chat: Conversation, model, tokenizer, params, args: argparse.Namespace) -> None:
     """Read, answer, repeat; returns on /quit. Ctrl-C during a reply only stops that reply."""
     out, err = sys.stdout, sys.stderr
+    if hasattr(sys.stdin, "reconfigure"):  # a bad byte spoils its line only (check_utf8 names
+        sys.stdin.reconfigure(errors="surrogateescape")  # it), not the buffered lines around it
     while True:
         try:
             text = input(">>> ").strip()
@@ -45,17 +47,18 @@ def converse(chat: Conversation, model, tokenizer, params, args: argparse.Namesp
             continue
         if not text:
             continue
-        if text in ("/quit", "/exit", "/bye"):
+        command = text.split()[0] if re.match(r"/\w+(\s|$)", text) else None
+        if command in ("/quit", "/exit", "/bye"):
             return
-        if text == "/help":
+        if command == "/help":
             print(HELP, file=err)
             continue
-        if text == "/reset":
+        if command == "/reset":
             chat.reset()
             print("conversation cleared", file=err)
             continue
-        if re.fullmatch(r"/\w+", text.split()[0]):
-            print(f"unknown command {text.split()[0]}; {HELP}", file=err)
+        if command is not None:
+            print(f"unknown command {command}; {HELP}", file=err)
             continue
         reply, last, interrupted = [], None, False
         try:

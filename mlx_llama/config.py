@@ -74,7 +74,7 @@ class ModelConfig:
             k
             for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                       "intermediate_size", "vocab_size")
-            if k not in cfg
+            if cfg.get(k) is None
         ]
         if missing:
             raise MlxLlamaError(
@@ -85,6 +85,10 @@ class ModelConfig:
                     "intermediate_size", "vocab_size", "num_key_value_heads", "head_dim",
                     "max_position_embeddings"):
             _check_positive_int(cfg, key)
+        for key in ("rms_norm_eps", "rope_theta"):
+            _check_number(cfg, key)
+        for key in ("bos_token_id", "eos_token_id"):
+            _check_token_ids(cfg, key)
         act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
         if act not in ("silu", "swish"):
             raise MlxLlamaError(
@@ -131,11 +135,30 @@ def _check_positive_int(cfg: dict[str, Any], key: str) -> None:
     value = cfg.get(key)
     if value is None:
         return
+    if isinstance(value, float) and value.is_integer():  # 64.0: what some exporters write
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise MlxLlamaError(
             f"config.json has {key}={value!r}: it must be a positive integer; fix it or "
             "re-convert the model"
         )
+
+
+def _check_number(cfg: dict[str, Any], key: str) -> None:
+    value = cfg.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or value <= 0):
+        raise MlxLlamaError(f"config.json has {key}={value!r}: it must be a positive number; "
+                            "fix it or re-convert the model")
+
+
+def _check_token_ids(cfg: dict[str, Any], key: str) -> None:
+    value = cfg.get(key)
+    ids = value if isinstance(value, list) else [value]
+    if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                     for i in ids):
+        raise MlxLlamaError(f"config.json has {key}={value!r}: it must be a token id or a list "
+                            "of them; fix it or re-convert the model")
 
 
 def _rope_theta(cfg: dict[str, Any]) -> float:

@@ -224,7 +224,8 @@ def stream_generate(
         if len(tokens) >= limit:
             raise MlxLlamaError(
                 f"the prompt has {len(tokens)} tokens but the model's context is {limit}: "
-                "shorten it, or use a rotating cache (--max-kv-size) to slide past it"
+                f"shorten it, or use a rotating cache no larger than the context "
+                f"(--max-kv-size {limit} or less) to slide past it"
             )
         max_tokens = min(max_tokens, limit - len(tokens))
     if cache is None:

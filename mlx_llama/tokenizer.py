@@ -80,8 +80,10 @@ class _TokenizersBackend:
         added = self._tok.get_added_tokens_decoder()
         self.special_ids = frozenset(i for i, t in added.items() if t.special)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
-        self.byte_level = '"ByteLevel"' in json.dumps(decoder)  # GPT-2 style: a char per byte
+        # GPT-2 style byte-level vocabulary (a character per byte)? The decoder says so; its
+        # own JSON state is tiny, unlike the whole tokenizer's.
+        decoder = self._tok.decoder
+        self.byte_level = decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

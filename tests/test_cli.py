@@ -216,10 +216,11 @@ LONG_TURN = "Llamas are social animals and live with others as a herd. " * 6
 
 def test_chat_survives_a_failed_turn_and_unknown_commands(chat_model_ctx64):
     """A turn over the context is an error line, not the end of the conversation."""
-    stdin = "\n".join(["/foo", "Hello there", LONG_TURN, "And their wool?", "/quit"]) + "\n"
+    stdin = "\n".join(["/foo", "/reset now", "Hello there", LONG_TURN, "And their wool?",
+                       "/quit now"]) + "\n"
     result = run_cli("chat", "-m", str(chat_model_ctx64), "--max-tokens", "4", stdin=stdin)
     assert result.returncode == 0, result.stderr
-    assert "unknown command /foo" in result.stderr
+    assert "unknown command /foo" in result.stderr and "conversation cleared" in result.stderr
     assert re.search(r"error: the prompt has \d+ tokens but the model's context is 64", result.stderr)
     stats = [tuple(map(int, m)) for m in re.findall(
         r"\[prompt (\d+) tokens: (\d+) cached, \d+ prefilled \| (\d+) generated", result.stderr)]
@@ -277,8 +278,11 @@ def test_a_cancelled_turn_keeps_the_history_only_while_the_cache_matches(chat_mo
     ([1, 2], "holds a list"),
     ({"hidden_size": "abc"}, "hidden_size='abc'"),
     ({"num_attention_heads": 0}, "num_attention_heads=0"),
-    ({"eos_token_id": "x"}, "wrong type"),
-    ({"rms_norm_eps": "x"}, "wrong type"),
+    ({"eos_token_id": "x"}, "eos_token_id='x'"),
+    ({"eos_token_id": [1, None]}, "eos_token_id=[1, None]"),
+    ({"rms_norm_eps": "x"}, "rms_norm_eps='x'"),
+    ({"rope_theta": "abc"}, "rope_theta='abc'"),
+    ({"vocab_size": None}, "missing vocab_size"),
     ({"rope_scaling": "linear"}, "rope_scaling='linear'"),
     ({"rope_scaling": {"rope_type": "linear", "factor": "abc"}}, "wrong type"),
     ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
@@ -317,3 +321,22 @@ def test_a_bad_flag_is_one_line(argv):
     assert result.returncode == 2
     line = one_line_error(result.stderr)
     assert "--help" in line
+
+
+def test_chat_skips_a_line_that_is_not_utf8_and_keeps_the_rest(chat_model):
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_llama.cli", "chat", "-m", str(chat_model), "--max-tokens", "3"],
+        input=b"Hi\n\xff oops\nSay yes\n/quit\n", capture_output=True, timeout=300,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    assert "not valid UTF-8 (byte 0xff" in err
+    assert len(re.findall(r"\[prompt \d+ tokens", err)) == 2  # "Hi" and "Say yes" both answered
+
+
+def test_a_config_with_whole_floats_still_loads(tiny_checkpoints, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_checkpoints["gqa"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "hidden_size": 64.0}))
+    assert main(["generate", "-m", str(folder), "-p", "hi", "--max-tokens", "2"]) == 0

@@ -262,11 +262,17 @@ def test_force_replaces_only_model_folders(src, tmp_path, capsys, monkeypatch):
         code, lines = run_cli([src, "-o", out, "--force"], capsys)
         assert code == 1 and len(lines) == 1 and "holds the current directory" in lines[0], lines
     assert (inside / "config.json").read_text() == "{}" and (inside / "sub").is_dir()
+    monkeypatch.chdir(tmp_path)
+    mac = tmp_path / "mac"
+    mac.mkdir()
+    (mac / ".DS_Store").write_bytes(b"\0")  # what Finder leaves: still an empty folder
+    code, _ = run_cli([src, "-o", mac, "--force"], capsys)
+    assert code == 0 and (mac / "config.json").is_file()
 
 
 @pytest.mark.parametrize("damage, match", [
     ("remove", "has no tokenizer (tokenizer.json or tokenizer.model)"),
-    ("truncate", "the source's tokenizer does not load"),
+    ("truncate", "the tokenizer does not load (Could not read tokenizer.model)"),
 ])
 def test_a_source_whose_tokenizer_is_missing_or_broken(src, tmp_path, capsys, damage, match):
     """The result could not run, so it is not written (its error would then blame convert)."""

@@ -657,6 +657,19 @@ def test_undeclared_body_length_is_counted(server):
         return sent[0]["status"]
 
     assert call([b"x" * 60, b"y" * 60]) == 413 and "body" not in seen
+    seen.clear()
+    gone = [{"type": "http.request", "body": b"x", "more_body": True}, {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive_then_leave():
+        return gone.pop(0)
+
+    async def record(message):
+        sent.append(message)
+
+    asyncio.run(GateMiddleware(app, None, max_body_bytes=100)(
+        {"type": "http", "method": "POST", "path": "/", "headers": []}, receive_then_leave, record))
+    assert sent == [] and seen == {}  # a client gone mid-body: no answer, the app never runs
     assert call([b"x" * 60, b"y" * 40]) == 200
     assert seen == {"body": b"x" * 60 + b"y" * 40, "next": "http.disconnect"}
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
@@ -681,13 +694,14 @@ def test_undeclared_body_length_is_counted(server):
 def test_browsers_on_this_machine_may_call_it(server):
     """CORS: pages served from localhost get the headers (preflight too, before the API key
     gate, and on the gate's own 401); other origins do not unless --allowed-origin names them."""
-    preflight = {"Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {"Access-Control-Request-Method": "POST",  # what the OpenAI JS SDK asks
+                 "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,"
+                                                   "x-stainless-retry-count"}
     url = f"{server.url}/v1/chat/completions"
     local = httpx.options(url, headers={"Origin": "http://localhost:3000", **preflight})
     assert local.status_code == 200
     assert local.headers["access-control-allow-origin"] == "http://localhost:3000"
-    assert "authorization" in local.headers["access-control-allow-headers"].lower()
+    assert "x-stainless-os" in local.headers["access-control-allow-headers"].lower()
     foreign = httpx.options(url, headers={"Origin": "https://evil.example", **preflight})
     assert "access-control-allow-origin" not in foreign.headers
     refused = httpx.post(url, json=GOOD_CHAT, headers={"Origin": "http://127.0.0.1:5173"})

@@ -103,6 +103,8 @@ class GateMiddleware:
             # No declared length (Transfer-Encoding: chunked): count the bytes as they come,
             # then hand the app the body it would have read anyway.
             body = await self.read_capped(receive)
+            if body is CLIENT_GONE:
+                return None
             if body is None:
                 refusal = too_large
             else:
@@ -113,18 +115,22 @@ class GateMiddleware:
             return await refusal(scope, receive, send)
         return await self.app(scope, receive, send)
 
-    async def read_capped(self, receive) -> bytes | None:
-        """The whole body, or None as soon as it passes `max_body_bytes`."""
+    async def read_capped(self, receive):
+        """The whole body, None as soon as it passes `max_body_bytes`, or CLIENT_GONE if the
+        client leaves before sending all of it (nothing to answer then)."""
         body = bytearray()
         while True:
             message = await receive()
-            if message["type"] != "http.request":  # the client left: nothing to answer
-                return bytes(body)
+            if message["type"] != "http.request":  # the client left mid-body
+                return CLIENT_GONE
             body += message.get("body", b"")
             if len(body) > self.max_body_bytes:
                 return None
             if not message.get("more_body", False):
                 return bytes(body)
+
+
+CLIENT_GONE = object()
 
 
 def replay(body: bytes, receive):
@@ -774,5 +780,5 @@ def create_app(worker: GenerationWorker, tokenizer, *, model_id: str,
     # gate's 401/413 carry the headers a browser needs to read them.
     app.add_middleware(CORSMiddleware, allow_origins=allowed_origins or [],
                        allow_origin_regex=LOCAL_ORIGINS, allow_methods=["GET", "POST"],
-                       allow_headers=["Authorization", "Content-Type"], max_age=600)
+                       allow_headers=["*"], max_age=600)  # SDKs add their own (x-stainless-*)
     return app
