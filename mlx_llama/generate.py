@@ -159,8 +159,10 @@ def encode_prompt(tokenizer, prompt, chat: bool | None = None) -> list[int]:
 
     `chat=None` applies the model's chat template to strings only when the tokenizer has one.
     """
-    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and prompt:
-        return list(prompt)
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+        return list(prompt)  # bools stay bools, for check_token_ids to refuse
+    if hasattr(prompt, "tolist") and getattr(prompt, "ndim", None) == 1:  # numpy / mlx ids
+        return encode_prompt(tokenizer, prompt.tolist(), chat)
     if isinstance(prompt, list):
         return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
     if not isinstance(prompt, str):
@@ -171,6 +173,15 @@ def encode_prompt(tokenizer, prompt, chat: bool | None = None) -> list[int]:
         messages = [{"role": "user", "content": prompt}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return tokenizer.encode(prompt)
+
+
+def check_token_ids(tokens: list[int], vocab_size: int) -> None:
+    """Ids outside the vocabulary would index past the embedding table (on the CPU backend,
+    a crash of the whole process), so they are refused by name."""
+    bad = next((t for t in tokens if isinstance(t, bool) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise MlxLlamaError(f"prompt token id {bad!r} is outside the vocabulary "
+                            f"(0..{vocab_size - 1})")
 
 
 def context_length(model) -> int:
@@ -212,13 +223,22 @@ def stream_generate(
     afterwards it holds the prompt and the completion.
     """
     if sampling is None:
+        unknown = sorted(set(sampling_kwargs) - set(SamplingParams.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"stream_generate() got an unexpected keyword argument "
+                            f"{unknown[0]!r}; sampling options are "
+                            f"{', '.join(SamplingParams.__dataclass_fields__)}")
         sampling = SamplingParams(**sampling_kwargs)
     elif sampling_kwargs:
         raise MlxLlamaError("pass sampling options either as SamplingParams or as keywords")
     sampling.validate(model.config.vocab_size)
-    if max_tokens < 1:
-        raise MlxLlamaError(f"max_tokens must be at least 1, got {max_tokens}")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise MlxLlamaError(f"max_tokens must be an integer of at least 1, got {max_tokens!r}")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
+        raise MlxLlamaError(f"stop must be a string or a list of strings, got {stop!r}")
     tokens = encode_prompt(tokenizer, prompt, chat)
+    check_token_ids(tokens, model.config.vocab_size)
     limit = context_length(model)
     if not attends_within_context(cache, limit):
         if len(tokens) >= limit:

@@ -39,6 +39,7 @@ class SamplingParams:
 
     def validate(self, vocab_size: int | None = None) -> "SamplingParams":
         """Reject values no sampler can honour, with the allowed range in the message."""
+        self._check_types()
         checks = [
             ("temperature", self.temperature, 0.0 <= self.temperature <= 100, ">= 0"),
             ("top_p", self.top_p, 0.0 <= self.top_p <= 1.0, "in [0, 1] (0 keeps only the best)"),
@@ -65,6 +66,24 @@ class SamplingParams:
             if not math.isfinite(bias) and bias != -math.inf:
                 raise MlxLlamaError(f"logit_bias for token {token} must be a number, got {bias}")
         return self
+
+
+    def _check_types(self) -> None:
+        """Numbers must be numbers (a "0.7" from a form field would otherwise fail deep in MLX)."""
+        integers = ("top_k", "repetition_context_size", "seed")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
+                     "presence_penalty", *integers):
+            value = getattr(self, name)
+            kinds = (int,) if name in integers else (int, float)
+            if name == "seed" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                kind = "an integer" if name in integers else "a number"
+                raise MlxLlamaError(f"{name} must be {kind}, got {value!r}")
+        if not isinstance(self.logit_bias, dict) or not all(
+                isinstance(k, int) and not isinstance(k, bool) and isinstance(v, (int, float))
+                for k, v in self.logit_bias.items()):
+            raise MlxLlamaError("logit_bias must map token ids (int) to numbers, e.g. {50256: -100}")
 
 
 def greedy(logprobs: mx.array) -> mx.array:

@@ -78,7 +78,18 @@ def test_prompt_cache_prefills_only_new_tokens(tiny):
 @pytest.mark.parametrize(
     "prompt, kwargs, needle",
     [("", {}, "empty"), ("word " * 600, {}, "context"), (PROMPT, {"top_p": 3.0}, "top_p"),
-     (PROMPT, {"max_tokens": 0}, "max_tokens")],
+     (PROMPT, {"max_tokens": 0}, "max_tokens"),
+     # Token ids past the vocabulary crashed the process (an embedding gather out of range).
+     ([10**7], {}, "prompt token id 10000000 is outside the vocabulary"),
+     ([5, -5], {}, "prompt token id -5"), ([True, False], {}, "prompt token id True"),
+     # Values of the wrong type, as a web form or JSON hands them over.
+     (PROMPT, {"temperature": "0.7"}, "temperature must be a number, got '0.7'"),
+     (PROMPT, {"seed": 1.5}, "seed must be an integer"), (PROMPT, {"top_k": 2.5}, "top_k"),
+     (PROMPT, {"max_tokens": "8"}, "max_tokens must be an integer"),
+     (PROMPT, {"max_tokens": 2.5}, "max_tokens must be an integer"),
+     (PROMPT, {"stop": 5}, "stop must be a string or a list of strings"),
+     (PROMPT, {"stop": [5]}, "stop must be"),
+     (PROMPT, {"logit_bias": {"hello": 1.0}}, "logit_bias must map token ids")],
 )
 def test_bad_input_is_one_line_error(tiny, prompt, kwargs, needle):
     model, tok = tiny
@@ -86,6 +97,22 @@ def test_bad_input_is_one_line_error(tiny, prompt, kwargs, needle):
     with pytest.raises(MlxLlamaError) as e:
         generate(model, tok, prompt, max_tokens, **kwargs)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_misspelt_option_names_itself_and_the_real_ones(tiny):
+    model, tok = tiny
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'; sampling "
+                                        "options are temperature, top_p"):
+        generate(model, tok, PROMPT, 4, temprature=0.5)
+
+
+def test_token_ids_may_come_as_a_tuple_or_an_array(tiny):
+    import numpy as np
+
+    model, tok = tiny
+    ids = tok.encode(PROMPT)
+    expected = generate(model, tok, ids, 6)
+    assert generate(model, tok, tuple(ids), 6) == generate(model, tok, np.array(ids), 6) == expected
 
 
 def test_generation_runs_inside_the_wired_limit(tiny, monkeypatch):
