@@ -631,7 +631,7 @@ def test_undeclared_body_length_is_counted(server):
     it reaches the app whole (then the client's disconnect still arrives)."""
     import asyncio
 
-    from mlx_llama.server.app import GateMiddleware
+    from mlx_llama.server.gate import GateMiddleware
 
     seen = {}
 

@@ -10,16 +10,14 @@ away, Starlette cancels the stream and the job is cancelled with it; a non-strea
 watches for the disconnect itself.
 
 Every error, from malformed JSON to a full queue, leaves as OpenAI's error JSON
-(`{"error": {"message", "type", "param", "code"}}`) with the matching status, and each
-request writes one log line.
+(`{"error": {"message", "type", "param", "code"}}`) with the matching status
+(`http_errors`), and each request writes one log line. Before any of this, `gate` checks the
+API key and the body's size; `formats` wraps pieces of text as chat or text completions.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
-import hmac
-import json
 import logging
 import time
 import uuid
@@ -28,120 +26,21 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from ..errors import MlxLlamaError
 from ..sampling import SamplingParams
 from . import schemas as S
+from .formats import ChatFormat, CompletionFormat, sse
+from .gate import LOCAL_ORIGINS, GateMiddleware
+from .http_errors import APIError, error_json, install_error_handlers
 from .worker import Delta, Failed, Finished, GenerationWorker, Job, QueueFull, TokenLogprob
 
 log = logging.getLogger("mlx_llama.server")
 
-MAX_BODY_BYTES = 32 << 20
-OPEN_PATHS = frozenset({"/health"})  # reachable without the API key
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-class APIError(Exception):
-    """An error with an HTTP status, rendered in OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type
-        self.param, self.code, self.headers = param, code, headers
-
-
-def error_json(status: int, message: str, type: str = "invalid_request_error",
-               param: str | None = None, code: str | None = None,
-               headers: dict[str, str] | None = None) -> JSONResponse:
-    body = S.ErrorResponse(error=S.ErrorDetail(message=message, type=type, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-# ------------------------------------------------------------------------------------------
-# Middleware: API key and body size, checked before anything parses the request
-# ------------------------------------------------------------------------------------------
-
-
-class GateMiddleware:
-    """Refuses requests without the right `Authorization: Bearer` key (401), and bodies
-    declared larger than `max_body_bytes` (413), before any JSON is parsed."""
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
-        self.app = app
-        self.api_key = api_key.encode() if api_key else None
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        refusal = None
-        if self.api_key is not None and scope.get("path") not in OPEN_PATHS:
-            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode("latin-1"), self.api_key
-            ):
-                what = "wrong" if token else "missing"
-                refusal = error_json(
-                    401, f"{what} API key: send 'Authorization: Bearer <key>' with the key "
-                    "the server was started with (--api-key or MLX_LLAMA_API_KEY)",
-                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        too_large = error_json(413, f"the request body is larger than {self.max_body_bytes} "
-                               "bytes: send a shorter prompt", code="request_too_large")
-        length = headers.get(b"content-length")
-        if refusal is None and length is not None and (
-                not length.isdigit() or int(length) > self.max_body_bytes):
-            refusal = too_large
-        if refusal is None and length is None:
-            # No declared length (Transfer-Encoding: chunked): count the bytes as they come,
-            # then hand the app the body it would have read anyway.
-            body = await self.read_capped(receive)
-            if body is CLIENT_GONE:
-                return None
-            if body is None:
-                refusal = too_large
-            else:
-                receive = replay(body, receive)
-        if refusal is not None:
-            log.info("- %s %s status=%d", scope.get("method"), scope.get("path"),
-                     refusal.status_code)
-            return await refusal(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-    async def read_capped(self, receive):
-        """The whole body, None as soon as it passes `max_body_bytes`, or CLIENT_GONE if the
-        client leaves before sending all of it (nothing to answer then)."""
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left mid-body
-                return CLIENT_GONE
-            body += message.get("body", b"")
-            if len(body) > self.max_body_bytes:
-                return None
-            if not message.get("more_body", False):
-                return bytes(body)
-
-
-CLIENT_GONE = object()
-
-
-def replay(body: bytes, receive):
-    """An ASGI `receive` that gives `body` first, then whatever the client sends next (the
-    disconnect the streaming handlers watch for)."""
-    pending = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive_again():
-        return pending.pop() if pending else await receive()
-
-    return receive_again
 
 
 # ------------------------------------------------------------------------------------------
@@ -313,115 +212,6 @@ async def watch_disconnect(request: Request, ctx: ServerContext, job: Job) -> No
         if message["type"] == "http.disconnect":
             ctx.worker.cancel(job)
             return
-
-
-# ------------------------------------------------------------------------------------------
-# Output formats: chat and text completions differ only in how a piece is wrapped
-# ------------------------------------------------------------------------------------------
-
-
-class ChatFormat:
-    route = "chat"
-
-    def __init__(self, job: Job, model: str, want_logprobs: bool) -> None:
-        self.id, self.model, self.created = job.id, model, int(time.time())
-        self.want_logprobs = want_logprobs
-
-    def _logprobs(self, items: list[TokenLogprob]) -> S.ChatLogprobs | None:
-        if not self.want_logprobs:
-            return None
-        return S.ChatLogprobs(content=[
-            S.ChatTokenLogprob(token=i.token, logprob=i.logprob, bytes=i.bytes, top_logprobs=[
-                S.TopLogprob(token=t, logprob=v, bytes=b) for t, v, b in i.top])
-            for i in items])
-
-    def _chunk(self, choice: S.ChatChunkChoice | None, usage_null: bool, **extra) -> str:
-        chunk = S.ChatCompletionChunk(id=self.id, object="chat.completion.chunk",
-                                      created=self.created, model=self.model,
-                                      choices=[choice] if choice else [], **extra)
-        if usage_null and "usage" not in extra:
-            chunk.usage = None
-        return chunk.model_dump_json(exclude_unset=True)
-
-    def head(self, usage_null: bool) -> str | None:
-        choice = S.ChatChunkChoice(index=0, delta=S.ChatDelta(role="assistant", content=""),
-                                   finish_reason=None)
-        return self._chunk(choice, usage_null)
-
-    def piece(self, text: str, items: list[TokenLogprob], usage_null: bool) -> str:
-        choice = S.ChatChunkChoice(index=0, delta=S.ChatDelta(content=text), finish_reason=None)
-        if self.want_logprobs:
-            choice.logprobs = self._logprobs(items)
-        return self._chunk(choice, usage_null)
-
-    def tail(self, finish_reason: str, usage_null: bool) -> str:
-        choice = S.ChatChunkChoice(index=0, delta=S.ChatDelta(), finish_reason=finish_reason)
-        return self._chunk(choice, usage_null)
-
-    def usage(self, usage: S.Usage) -> str:
-        return self._chunk(None, False, usage=usage)
-
-    def whole(self, text: str, finish_reason: str, items: list[TokenLogprob],
-              usage: S.Usage) -> S.ChatCompletion:
-        return S.ChatCompletion(id=self.id, created=self.created, model=self.model, usage=usage,
-                                choices=[S.ChatChoice(
-                                    index=0, message=S.AssistantMessage(content=text),
-                                    finish_reason=finish_reason, logprobs=self._logprobs(items))])
-
-
-class CompletionFormat:
-    route = "completions"
-
-    def __init__(self, job: Job, model: str, want_logprobs: bool) -> None:
-        self.id, self.model, self.created = job.id, model, int(time.time())
-        self.want_logprobs = want_logprobs
-        self.offset = 0  # characters of completion text before the next token
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def _logprobs(self, items: list[TokenLogprob]) -> S.CompletionLogprobs | None:
-        if not self.want_logprobs:
-            return None
-        offsets = []
-        for i in items:  # characters of the text before each token (a split one: whole ones)
-            offsets.append(self.offset)
-            self.offset += len(self.utf8.decode(bytes(i.bytes)))
-        return S.CompletionLogprobs(
-            tokens=[i.token for i in items], token_logprobs=[i.logprob for i in items],
-            top_logprobs=[{t: v for t, v, _ in i.top} for i in items], text_offset=offsets)
-
-    def _chunk(self, text: str, finish_reason: str | None, items: list[TokenLogprob],
-               usage_null: bool, **extra) -> str:
-        choice = S.CompletionChoice(index=0, text=text, finish_reason=finish_reason,
-                                    logprobs=self._logprobs(items))
-        chunk = S.Completion(id=self.id, object="text_completion", created=self.created,
-                             model=self.model,
-                             choices=[choice] if "usage" not in extra else [], **extra)
-        if usage_null and "usage" not in extra:
-            chunk.usage = None
-        return chunk.model_dump_json(exclude_unset=True)
-
-    def head(self, usage_null: bool) -> str | None:
-        return None
-
-    def piece(self, text: str, items: list[TokenLogprob], usage_null: bool) -> str:
-        return self._chunk(text, None, items, usage_null)
-
-    def tail(self, finish_reason: str, usage_null: bool) -> str:
-        return self._chunk("", finish_reason, [], usage_null)
-
-    def usage(self, usage: S.Usage) -> str:
-        return self._chunk("", None, [], False, usage=usage)
-
-    def whole(self, text: str, finish_reason: str, items: list[TokenLogprob],
-              usage: S.Usage) -> S.Completion:
-        return S.Completion(id=self.id, created=self.created, model=self.model, usage=usage,
-                            choices=[S.CompletionChoice(index=0, text=text,
-                                                        finish_reason=finish_reason,
-                                                        logprobs=self._logprobs(items))])
-
-
-def sse(data: str) -> str:
-    return f"data: {data}\n\n"
 
 
 class JobStream(StreamingResponse):
@@ -653,88 +443,6 @@ async def completions(body: S.CompletionRequest, request: Request):
 
 
 # ------------------------------------------------------------------------------------------
-# Errors
-# ------------------------------------------------------------------------------------------
-
-VALIDATION_CODES = {
-    "missing": "missing_required_parameter",
-    "extra_forbidden": "unknown_parameter",
-    "json_invalid": "invalid_json",
-}
-
-
-def validation_error(exc: RequestValidationError) -> JSONResponse:
-    """The first problem pydantic found, as one line naming the field."""
-    errors = exc.errors() or [{"type": "invalid", "loc": (), "msg": "invalid request"}]
-    # A value that fits no branch of a union fails once per branch; the deepest failure
-    # (e.g. `messages.0.content.0.type` rather than "not a string") is the informative one.
-    field = tuple(errors[0].get("loc", ()))[:2]
-    first = max((e for e in errors if tuple(e.get("loc", ()))[:2] == field),
-                key=lambda e: len(e.get("loc", ())))
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # Drop union-branch labels pydantic adds ("str", "list[str]", "function-after[...]").
-    param = ".".join(p for p in loc if not any(c in p for c in "[](") and p not in
-                     ("str", "int", "float", "bool", "list", "dict")) or None
-    kind = first.get("type", "")
-    code = VALIDATION_CODES.get(kind, "invalid_type" if kind.endswith("_type") else "invalid_value")
-    if kind == "json_invalid":
-        detail = (first.get("ctx") or {}).get("error", "")
-        message = f"the request body is not valid JSON ({detail}): send a JSON object"
-        param = None
-    elif kind == "extra_forbidden":
-        message = (f"unknown parameter '{param}': this server does not support it; "
-                   "remove it from the request")
-    elif kind == "missing" and param is None:  # no body at all
-        message = "the request body is empty: send a JSON object"
-        code = "missing_body"
-    elif kind == "missing":
-        message = f"missing required parameter '{param}'"
-    elif kind == "model_attributes_type" or (not loc and kind.endswith("_type")):
-        message = ("the request body must be a JSON object, sent with "
-                   "'Content-Type: application/json'")
-    else:
-        message = f"invalid '{param}': {first.get('msg', 'invalid value')}"
-    return error_json(400, message, param=param, code=code)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestValidationError)
-    async def on_validation(request: Request, exc: RequestValidationError):
-        response = validation_error(exc)
-        log.info("- %s %s status=400 %s", request.method, request.url.path,
-                 json.loads(response.body)["error"]["message"])
-        return response
-
-    @app.exception_handler(APIError)
-    async def on_api_error(request: Request, exc: APIError):
-        log.info("- %s %s status=%d %s", request.method, request.url.path, exc.status,
-                 exc.message)
-        return error_json(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
-
-    @app.exception_handler(MlxLlamaError)
-    async def on_user_error(request: Request, exc: MlxLlamaError):
-        log.info("- %s %s status=400 %s", request.method, request.url.path, exc)
-        return error_json(400, str(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http(request: Request, exc: StarletteHTTPException):
-        message = str(exc.detail)
-        if exc.status_code == 404:
-            message = (f"no route {request.method} {request.url.path}: this server offers "
-                       "/v1/models, /v1/chat/completions, /v1/completions and /health")
-        elif exc.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
-        log.info("- %s %s status=%d", request.method, request.url.path, exc.status_code)
-        return error_json(exc.status_code, message, code=None, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def on_bug(request: Request, exc: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_json(500, f"internal error: {type(exc).__name__}: {exc}",
-                          type="server_error", code="internal_error")
-
-
-# ------------------------------------------------------------------------------------------
 # The app
 # ------------------------------------------------------------------------------------------
 
@@ -748,11 +456,6 @@ def longest_token_chars(tokenizer) -> int:
         longest = max(longest, len(piece))
         token_id += 1
     return longest
-
-
-# Browser pages on this machine may call the server by default (as Ollama allows); other
-# origins only when named, since any web page a user visits could otherwise use the model.
-LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 
 
 def create_app(worker: GenerationWorker, tokenizer, *, model_id: str,
