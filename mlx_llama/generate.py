@@ -194,7 +194,10 @@ def attends_within_context(cache: PromptCache | None, limit: int) -> bool:
     Then a token attends to at most `limit` positions, and RoPE makes attention depend only on
     the distance between positions, so a chat may run past the context: the oldest tokens
     fall out of the window instead of the run stopping (llama.cpp's context shift, without
-    re-rotating the keys)."""
+    re-rotating the keys). The window's first `keep` tokens (4: attention sinks, as in
+    StreamingLLM and mlx-lm) stay, and are seen from ever farther away; how much that costs
+    past the context is not measured here (no model on this machine has a context short
+    enough to run past in a test)."""
     windows = [getattr(c, "max_size", None) for c in cache.layers] if cache else []
     return bool(windows) and all(w is not None and w <= limit for w in windows)
 
