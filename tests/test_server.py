@@ -397,6 +397,29 @@ def test_non_streamed_disconnect_cancels(server):
     assert record.completion_tokens < 6000 and record.tokens_after_cancel <= 1
 
 
+def test_a_queued_request_whose_client_leaves_is_answered_and_logged(server, caplog):
+    """Cancelled while still queued, the job must still tell its handler it ended: before,
+    the handler waited forever (one stuck task per timed-out client; shutdown then hung)."""
+    from mlx_llama.sampling import SamplingParams
+    from mlx_llama.server.worker import Job
+
+    release = threading.Event()  # the blocker's events are delivered on the worker's thread
+    blocker = Job(id="blocker", tokens=server.tokenizer.encode("Hold on"), max_tokens=2,
+                  sampling=SamplingParams(), emit=lambda event: release.wait(30))
+    server.worker.submit(blocker)
+    try:
+        _wait_for(lambda: server.worker.busy)
+        with caplog.at_level(logging.INFO, logger="mlx_llama.server"):
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(f"{server.url}/v1/chat/completions", timeout=0.5,
+                           headers={"Authorization": f"Bearer {API_KEY}"}, json=GOOD_CHAT)
+            _wait_for(lambda: any("status=499" in r.getMessage() for r in caplog.records))
+    finally:
+        release.set()
+    server.wait_idle()
+    assert not server.worker.waiting
+
+
 def test_full_queue_gets_429_with_retry_after(server, http):
     body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hold the line."}],
             "max_tokens": 20, "temperature": 0, "stream": True, "logit_bias": NO_EOS}

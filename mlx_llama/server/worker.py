@@ -296,12 +296,15 @@ class GenerationWorker:
         """Cancel `job`: drop it from the queue if it has not started, else stop it."""
         job.cancel()
         with self._cond:
-            if job in self._queue:
-                self._queue.remove(job)
-                record = self._pending.pop(job.id)
-                record.finish_reason = "cancelled"
-                record.finished_at = time.perf_counter()
-                self.records.append(record)
+            if job not in self._queue:
+                return
+            self._queue.remove(job)
+            record = self._pending.pop(job.id)
+            record.finish_reason = "cancelled"
+            record.finished_at = time.perf_counter()
+            self.records.append(record)
+        # Whoever waits on the job's events (a non-streamed handler) must hear that it ended.
+        self._safe_emit(job, Failed(MlxLlamaError("the request was cancelled")))
 
     def _retry_after(self, waiting: int) -> int:
         """Seconds until a slot is likely free: the recent mean job time times the jobs ahead."""
@@ -352,6 +355,7 @@ class GenerationWorker:
         if job.cancelled.is_set():
             record.finish_reason = "cancelled"
             record.tokens_after_cancel = 0
+            self._safe_emit(job, Failed(MlxLlamaError("the request was cancelled")))
             return
         checkout = self.prefix_cache.checkout(job.tokens)
         record.cache = checkout.how
