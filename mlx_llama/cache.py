@@ -102,6 +102,16 @@ class KVCache(LayerCache):
             return ()
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
+    def shrink(self) -> None:
+        """Give back the unused capacity when it is more than what is held (a short prompt
+        kept for reuse would otherwise hold a whole 256-token block). Copies what is held;
+        the next append grows a block again."""
+        if self.keys is None or self.keys.shape[2] - self.offset <= self.offset:
+            return
+        self.keys, self.values = (mx.contiguous(a[..., : self.offset, :])
+                                  for a in (self.keys, self.values))
+        mx.eval(self.keys, self.values)
+
     def trim(self, n: int) -> int:
         """Forget the last `n` tokens (e.g. to reuse a prefix); returns how many were dropped."""
         n = min(self.offset, n)

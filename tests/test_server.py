@@ -500,7 +500,11 @@ def test_prefix_store_evicts_least_recently_used(chat_model_dir):
         return cache
 
     a, b, c = filled("alpha " * 20), filled("beta " * 20), filled("gamma " * 20)
+    unshrunk = allocated_bytes(a)
+    store = PrefixCacheStore(model.make_cache, budget_bytes=10 * unshrunk)
+    store.checkin(a, 20)  # a short prompt gives back its unused block capacity
     size = allocated_bytes(a)
+    assert size == a.nbytes and 2 * size < unshrunk
     store = PrefixCacheStore(model.make_cache, budget_bytes=2 * size)
     store.checkin(a, 20)
     store.checkin(b, 20)
@@ -513,6 +517,14 @@ def test_prefix_store_evicts_least_recently_used(chat_model_dir):
     assert all(entry.cache is not b for entry in store.entries.values())
     assert store.checkout(tok.encode("beta " * 20)).matched <= 1  # at most the BOS, via a
     assert PrefixCacheStore(model.make_cache, 0).checkout([1, 2, 3]).how == "miss"
+    # A shrunk cache continues exactly as the unshrunk one would.
+    more = tok.encode("alpha " * 20 + "and more alpha")
+    shrunk, whole = filled("alpha " * 20), filled("alpha " * 20)
+    for layer in shrunk.layers:
+        layer.shrink()
+    texts = ["".join(r.text for r in stream_generate(model, tok, more, 8, temperature=0,
+                                                     cache=cache)) for cache in (shrunk, whole)]
+    assert texts[0] == texts[1]
 
 
 # ------------------------------------------------------------------------------------------

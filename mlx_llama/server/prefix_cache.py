@@ -125,6 +125,9 @@ class PrefixCacheStore:
         """Keep `cache` (made for a prompt of `prompt_len` tokens) as the most recent entry."""
         if not cache.tokens:
             return
+        for layer in cache.layers:
+            if hasattr(layer, "shrink"):
+                layer.shrink()
         entry = Entry(cache, prompt_len, allocated_bytes(cache))
         if entry.nbytes > self.budget_bytes:
             return
