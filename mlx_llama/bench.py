@@ -272,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.generation_tokens < 2:
         raise MlxLlamaError("-g must be at least 2: decoding is timed from the second token")
+    if args.warmup < 0:
+        raise MlxLlamaError(f"--warmup must be 0 or more, got {args.warmup}")
     folder = resolve_model(args.model)
     model, _ = load_model(folder)
     if args.dense_prefill:

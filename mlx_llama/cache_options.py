@@ -42,6 +42,12 @@ def cache_spec(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if bits is not None:
         return "quantized", {"bits": bits, "group_size": args.kv_group_size,
                              "start": args.quantized_kv_start}
+    unused = [flag for flag, value, default in (
+        ("--kv-group-size", getattr(args, "kv_group_size", 64), 64),
+        ("--quantized-kv-start", getattr(args, "quantized_kv_start", 0), 0)) if value != default]
+    if unused:
+        raise MlxLlamaError(f"{', '.join(unused)} only with --kv-bits (the quantized cache): "
+                            "add --kv-bits 8 or 4, or drop it")
     if max_size is not None:
         return "rotating", {"max_size": max_size}
     return "default", {}

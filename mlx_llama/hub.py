@@ -34,12 +34,17 @@ MODEL_FILES = [
 # Only files at the top of a repo: sub-folders hold originals (`original/consolidated.pth`),
 # ONNX exports and the like, which can be many gigabytes and are never read.
 IGNORE_SUBFOLDERS = ["*/*"]
+# Mistral-style repos ship their weights twice: Hugging Face shards and one `consolidated`
+# file in Mistral's own naming, which is never read (and doubles the download).
+IGNORE_FILES = [*IGNORE_SUBFOLDERS, "consolidated*.safetensors"]
 
 LOGIN_HINT = "log in with `huggingface-cli login` or set HF_TOKEN"
 
 
 def looks_like_repo_id(spec: str) -> bool:
-    return bool(REPO_ID.match(spec)) and not spec.startswith((".", "/", "~"))
+    """`org/name`, unless `org` is a folder here: then it is a local path with a typo."""
+    return (bool(REPO_ID.match(spec)) and not spec.startswith((".", "/", "~"))
+            and not Path(spec.split("/")[0]).is_dir())
 
 
 def resolve_model_folder(spec: str | Path, revision: str | None = None) -> Path:
@@ -72,7 +77,7 @@ def download(
                 repo_id,
                 revision=revision,
                 allow_patterns=patterns,
-                ignore_patterns=IGNORE_SUBFOLDERS,
+                ignore_patterns=IGNORE_FILES,
             )
     except MlxLlamaError:
         raise

@@ -205,6 +205,9 @@ def run(args: argparse.Namespace) -> int:
     tokens = tokenizer.encode(text)
     if args.max_text_tokens is not None:
         tokens = tokens[: args.max_text_tokens]
+    if options.get("start") and not args.chunk:
+        raise MlxLlamaError("--quantized-kv-start needs --chunk N here: each window otherwise "
+                            "goes into the cache in one update, held at full precision")
     make_cache = None
     if kind != "default" or args.chunk:
         model.make_cache(kind, **options)  # refuse bad options before any work

@@ -92,6 +92,7 @@ def test_cli_json(quantized_tiny, capsys):
     (["-p", "500", "-g", "100"], "exceeds the model's context"),
     (["-p", "8", "-g", "4", "--prefill-chunk", "-2"], "prefill chunk must be at least 1"),
     (["-p", "8", "-g", "4", "--prefill-chunk", "0"], "prefill chunk must be at least 1"),
+    (["-p", "8", "-g", "4", "--warmup", "-1"], "--warmup must be 0 or more"),
 ])
 def test_cli_errors_are_one_line(quantized_tiny, capsys, args, fragment):
     assert main(["bench", "-m", str(quantized_tiny), "-n", "1", *args]) == 1

@@ -160,6 +160,7 @@ def repo_files(folder: Path) -> dict[str, bytes]:
     files["pytorch_model.bin"] = b"pickled weights that must never be requested"
     files["model-q4_0.gguf"] = b"GGUF weights that must never be requested"
     files["original/consolidated.safetensors"] = b"original-format weights in a sub-folder"
+    files["consolidated.safetensors"] = b"Mistral-format duplicate of the weights, never read"
     files["README.md"] = b"# tiny"
     files[".gitattributes"] = b"*.bin filter=lfs"
     return files
@@ -252,7 +253,8 @@ def test_runtime_resolves_an_mlx_repo_id(tiny_checkpoints, tmp_path):
         hub.add_repo("mlx-community/tiny-4bit", files)
         code, stdout, err = run(["mlx-community/tiny-4bit"], home, hub.url, code=RESOLVE)
         assert code == 0, err
-        wanted = {n for n in files if "/" not in n and n.endswith((".json", ".safetensors", ".model"))}
+        wanted = {n for n in files if "/" not in n and n.endswith((".json", ".safetensors", ".model"))
+                  and not n.startswith("consolidated")}
         assert hub.requested() == wanted
     folder = Path(stdout.strip())
     assert folder.parent.name == "snapshots" and (folder / "model.safetensors").is_file()
@@ -260,3 +262,15 @@ def test_runtime_resolves_an_mlx_repo_id(tiny_checkpoints, tmp_path):
     assert code == 0 and stdout2 == stdout, err
     model, _ = load_model(folder)
     model(mx.array([[1, 2]]))
+
+
+def test_a_local_path_typo_is_not_taken_for_a_repo_id(tmp_path, monkeypatch):
+    """`out/nonexist` where `out/` is a folder here: a missing local path, not a download."""
+    from mlx_llama.errors import MlxLlamaError
+    from mlx_llama.hub import looks_like_repo_id, resolve_model_folder
+
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert looks_like_repo_id("org/name") and not looks_like_repo_id("out/nonexist")
+    with pytest.raises(MlxLlamaError, match="model path out/nonexist does not exist"):
+        resolve_model_folder("out/nonexist")
