@@ -11,6 +11,7 @@ says what to do.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import sys
@@ -71,19 +72,45 @@ def download(
     """
     from huggingface_hub import snapshot_download
 
+    # Our own error below says what an empty match means; the library's warning would make
+    # it a second line.
+    quiet = logging.getLogger("huggingface_hub._snapshot_download")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         with _progress_bars(progress and sys.stderr.isatty()):
-            folder = snapshot_download(
+            folder = Path(snapshot_download(
                 repo_id,
                 revision=revision,
                 allow_patterns=patterns,
                 ignore_patterns=IGNORE_FILES,
-            )
+            ))
     except MlxLlamaError:
         raise
     except Exception as e:  # the library raises a dozen types; each gets its own sentence
         raise MlxLlamaError(describe_hub_error(e, repo_id, revision)) from None
-    return Path(folder)
+    finally:
+        quiet.setLevel(level)
+    if not (folder / "config.json").is_file():
+        raise MlxLlamaError(not_a_model_repo(repo_id, revision))
+    return folder
+
+
+def not_a_model_repo(repo_id: str, revision: str | None) -> str:
+    """Why a repo without config.json cannot be used, naming its GGUF files if it has some."""
+    try:
+        from huggingface_hub import HfApi
+
+        ggufs = sorted(f for f in HfApi().list_repo_files(repo_id, revision=revision)
+                       if f.lower().endswith(".gguf"))
+    except Exception:  # offline, or the listing failed: say what we know
+        ggufs = []
+    if ggufs:
+        return (f"{repo_id} holds GGUF files ({', '.join(ggufs[:3])}{', ...' if len(ggufs) > 3 else ''}), "
+                "not a Hugging Face model folder: download one (`huggingface-cli download "
+                f"{repo_id} {ggufs[0]} --local-dir .`) and run `mlx-llama convert {Path(ggufs[0]).name} -o OUT`")
+    return (f"{repo_id} has no config.json: it is not a Hugging Face or MLX model repo; "
+            "check the repo id")
 
 
 def snapshot_revision(folder: Path) -> str | None:

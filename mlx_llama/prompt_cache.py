@@ -170,6 +170,9 @@ def write_atomically(path: Path, arrays: dict[str, mx.array], metadata: dict[str
         raise MlxLlamaError(f"folder {folder} does not exist: create it or choose another -o path")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.safetensors", dir=folder)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
     try:
         mx.save_safetensors(tmp, arrays, metadata=metadata)
         with open(tmp, "rb+") as f:

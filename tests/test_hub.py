@@ -206,7 +206,10 @@ def test_hub_errors_are_one_line(tiny_checkpoints, tmp_path):
         bin_only = {k: v for k, v in repo_files(tiny_checkpoints["gqa"]).items()
                     if not k.endswith(".safetensors")}
         hub.add_repo("tiny-org/bin-only", bin_only)
+        hub.add_repo("tiny-org/gguf-only", {"model.Q4_0.gguf": b"GGUF", "README.md": b"# q"})
         cases = [
+            (["tiny-org/gguf-only"], "holds GGUF files (model.Q4_0.gguf)",
+             "mlx-llama convert model.Q4_0.gguf"),
             (["nobody/missing"], "not found on the Hugging Face hub", "huggingface-cli login"),
             (["tiny-org/tiny-llama", "--revision", "no-such-branch"], "revision 'no-such-branch'",
              "--revision"),

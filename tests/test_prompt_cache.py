@@ -318,3 +318,6 @@ def test_saving_never_replaces_a_file_that_is_not_a_prompt_cache(folders, tiny, 
     assert len(pc.load_prompt_cache(old, model).tokens) == len(tok.encode(PREFIX + MORE))
     pc.save_prompt_cache(weights, cache, model, force=True)
     assert pc.is_prompt_cache(weights)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(weights).st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes
