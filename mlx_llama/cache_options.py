@@ -92,6 +92,11 @@ def continue_prompt(cache: PromptCache, prompt, chat: bool | None):
     saved = cache.saved_prompt
     if saved is None:
         return prompt, chat
+    if chat is False and saved.chat:
+        raise MlxLlamaError(
+            "the prompt cache was saved with the chat template: drop --no-chat-template, or "
+            "re-create the cache with `mlx-llama cache-prompt --no-chat-template`"
+        )
     if isinstance(prompt, list):  # [system, user] messages built by the CLI from --system
         system = next((m["content"] for m in prompt if m.get("role") == "system"), None)
         if system is not None and system != saved.system:

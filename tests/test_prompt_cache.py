@@ -321,3 +321,14 @@ def test_saving_never_replaces_a_file_that_is_not_a_prompt_cache(folders, tiny, 
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(weights).st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes
+
+
+def test_no_chat_template_cannot_continue_a_chat_prompt(folders, tmp_path):
+    model, tok = load(folders["chat"])
+    saved = pc.SavedPrompt(PREFIX, chat=True)
+    path = pc.save_prompt_cache(tmp_path / "chat.safetensors", pc.cache_prompt(model, tok, saved),
+                                model, saved_prompt=saved)
+    cache = pc.load_prompt_cache(path, model)
+    assert continue_prompt(cache, MORE, None)[1] is True
+    with pytest.raises(MlxLlamaError, match="saved with the chat template: drop --no-chat-template"):
+        continue_prompt(cache, MORE, False)
