@@ -451,11 +451,8 @@ def longest_token_chars(tokenizer) -> int:
     """An upper bound on the characters one token stands for: the longest vocabulary entry as
     stored (byte-level and SentencePiece pieces spell each byte or character with at least one
     character of their own)."""
-    longest, token_id = 1, 0
-    while (piece := tokenizer.id_to_token(token_id)) is not None:
-        longest = max(longest, len(piece))
-        token_id += 1
-    return longest
+    pieces = (tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size))
+    return max((len(p) for p in pieces if p), default=1)
 
 
 def create_app(worker: GenerationWorker, tokenizer, *, model_id: str,
