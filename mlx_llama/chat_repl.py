@@ -14,7 +14,7 @@ import sys
 
 from .conversation import Conversation
 from .errors import MlxLlamaError
-from .generate import stream_generate
+from .generate import attends_within_context, context_length, stream_generate
 
 HELP = "commands: /reset clears the conversation, /quit leaves, /help shows this"
 
@@ -63,6 +63,12 @@ def converse(chat: Conversation, model, tokenizer, params, args: argparse.Namesp
         reply, last, interrupted = [], None, False
         try:
             prompt = chat.add_user(text)
+            limit = context_length(model)
+            if not attends_within_context(chat.cache, limit):  # a window slides on its own
+                prompt, dropped = chat.fit(prompt, limit - min(args.max_tokens, limit // 4))
+                if dropped:
+                    print(f"[the conversation outgrew the context: the {dropped} earliest "
+                          "messages were dropped]", file=err)
             for last in stream_generate(model, tokenizer, prompt, args.max_tokens,
                                         sampling=params, stop=args.stop, cache=chat.cache):
                 reply.append(last.text)

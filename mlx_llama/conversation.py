@@ -46,6 +46,33 @@ class Conversation:
             return self.cache.tokens + new
         return tok.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True)
 
+    def fit(self, prompt: list[int], budget: int) -> tuple[list[int], int]:
+        """Drop the oldest turns (never the system message or the newest user message) until
+        the prompt is at most `budget` tokens, as Ollama does when a chat outgrows the context.
+        Returns the prompt and how many messages were dropped; if even that cannot fit, nothing
+        changes (the turn then fails as too long). The cache no longer matches a shortened
+        history, so the next prefill starts over (prefix reuse still applies)."""
+        if len(prompt) <= budget:
+            return prompt, 0
+        kept = (list(self.messages), self.history_text, prompt)
+        first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
+        dropped = 0
+        while len(prompt) > budget and len(self.messages) - first > 1:
+            del self.messages[first]
+            dropped += 1
+            while len(self.messages) - first > 1 and self.messages[first]["role"] != "user":
+                del self.messages[first]  # a turn starts with the user's message
+                dropped += 1
+            self.history_text = ""
+            prompt = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True,
+                                                        tokenize=True)
+        if len(prompt) > budget:  # the newest message alone is too long: change nothing
+            self.messages, self.history_text, prompt = kept
+            return prompt, 0
+        self._prompt_text = self.tokenizer.apply_chat_template(self.messages,
+                                                               add_generation_prompt=True)
+        return prompt, dropped
+
     def cancel_user(self) -> None:
         """Take back the last user message (its turn failed, e.g. over the context), so the
         conversation goes on as it was. If the failure came after the cache was touched, the

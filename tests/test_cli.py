@@ -216,7 +216,7 @@ LONG_TURN = "Llamas are social animals and live with others as a herd. " * 6
 
 def test_chat_survives_a_failed_turn_and_unknown_commands(chat_model_ctx64):
     """A turn over the context is an error line, not the end of the conversation."""
-    stdin = "\n".join(["/foo", "/reset now", "Hello there", LONG_TURN, "And their wool?",
+    stdin = "\n".join(["/foo", "/reset now", "Hello there", LONG_TURN, "Hi",
                        "/quit now"]) + "\n"
     result = run_cli("chat", "-m", str(chat_model_ctx64), "--max-tokens", "4", stdin=stdin)
     assert result.returncode == 0, result.stderr
@@ -226,7 +226,7 @@ def test_chat_survives_a_failed_turn_and_unknown_commands(chat_model_ctx64):
         r"\[prompt (\d+) tokens: (\d+) cached, \d+ prefilled \| (\d+) generated", result.stderr)]
     assert len(stats) == 2  # the failed turn left no trace: the next one reuses the first
     (first, _, generated), (_, cached, _) = stats
-    assert cached >= first + generated - 1
+    assert cached >= first + generated - 1, result.stderr
 
 
 def test_a_rotating_cache_slides_past_the_context(chat_model_ctx64):
@@ -340,3 +340,14 @@ def test_a_config_with_whole_floats_still_loads(tiny_checkpoints, tmp_path, caps
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "hidden_size": 64.0}))
     assert main(["generate", "-m", str(folder), "-p", "hi", "--max-tokens", "2"]) == 0
+
+
+def test_chat_drops_the_oldest_turns_when_it_outgrows_the_context(chat_model_ctx64):
+    turns = ["Tell me about llamas", "And their wool?", "Where do they live?", "What do they eat?",
+             "How tall are they?"]
+    result = run_cli("chat", "-m", str(chat_model_ctx64), "--max-tokens", "8",
+                     stdin="\n".join(turns + ["/quit"]) + "\n")
+    assert result.returncode == 0 and "error" not in result.stderr, result.stderr
+    assert "the conversation outgrew the context" in result.stderr
+    prompts = [int(m) for m in re.findall(r"\[prompt (\d+) tokens", result.stderr)]
+    assert len(prompts) == len(turns) and max(prompts) <= 64 - 8
