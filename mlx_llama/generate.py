@@ -175,6 +175,12 @@ def encode_prompt(tokenizer, prompt, chat: bool | None = None) -> list[int]:
     return tokenizer.encode(prompt)
 
 
+def whole_characters(tail: str) -> str:
+    """What the detokenizer still held when the run ended, without the U+FFFD of a character
+    whose bytes never all came (a run cut inside an emoji): as llama.cpp's server does."""
+    return tail.rstrip("\ufffd")
+
+
 def check_token_ids(tokens: list[int], vocab_size: int) -> None:
     """Ids outside the vocabulary would index past the embedding table (on the CPU backend,
     a crash of the whole process), so they are refused by name."""
@@ -288,7 +294,7 @@ def stream_generate(
         for n, (token, lp) in enumerate(steps, start=1):
             cache.tokens.append(token)  # decode has already fed it to the cache
             if token in end_ids:
-                tail, _ = stops.feed(detok.finalize())
+                tail, _ = stops.feed(whole_characters(detok.finalize()))
                 yield response(tail + stops.flush(), token, lp, n, "stop")
                 return
             text, hit = stops.feed(detok.add_token(token))
@@ -296,7 +302,7 @@ def stream_generate(
                 yield response(text, token, lp, n, "stop")
                 return
             if n >= max_tokens:
-                tail, hit = stops.feed(detok.finalize())
+                tail, hit = stops.feed(whole_characters(detok.finalize()))
                 yield response(text + tail + ("" if hit else stops.flush()), token, lp, n,
                                "stop" if hit else "length")
                 return

@@ -138,3 +138,14 @@ def test_generation_runs_inside_the_wired_limit(tiny, monkeypatch):
         during.append(limit["now"])
     assert during == [memory.model_nbytes(model)] * 3
     assert limit["now"] == 7
+
+
+def test_a_run_cut_inside_a_character_does_not_end_in_a_replacement_char(tiny):
+    """Forced to emit the first byte of a 4-byte character and stopped there, the text holds
+    nothing of it, not U+FFFD (the detokenizer itself still ends in U+FFFD: test_tokenizer)."""
+    model, tok = tiny
+    first = tok.token_to_id(f"<0x{'🦙'.encode()[0]:02X}>")
+    assert first is not None
+    cut = list(stream_generate(model, tok, PROMPT, 1, logit_bias={first: 100.0}))
+    assert cut[-1].token == first and cut[-1].finish_reason == "length"
+    assert "".join(r.text for r in cut) == ""
