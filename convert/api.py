@@ -145,7 +145,7 @@ def convert(
 
 def open_source(src: str | Path, revision: str | None, progress: bool) -> SourceModel:
     """Dispatch on what `src` is: a .gguf file, a local folder, or a hub repo id."""
-    from mlx_llama.hub import download, looks_like_repo_id, snapshot_revision
+    from mlx_llama.hub import download, looks_like_repo_id, snapshot_revision, with_local_hint
 
     path = Path(src).expanduser()
     if path.exists() and revision is not None:
@@ -159,7 +159,10 @@ def open_source(src: str | Path, revision: str | None, progress: bool) -> Source
     if path.is_dir():
         return read_folder(path)
     if isinstance(src, str) and looks_like_repo_id(src):
-        folder = download(src, revision, HUB_PATTERNS, progress=progress)
+        try:
+            folder = download(src, revision, HUB_PATTERNS, progress=progress)
+        except MlxLlamaError as e:
+            raise with_local_hint(src, e) from None
         commit = snapshot_revision(folder)
         label = f"{src}@{commit}" if commit else src
         try:

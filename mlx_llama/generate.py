@@ -9,6 +9,8 @@ checks are the only per-token host work.
 
 from __future__ import annotations
 
+import codecs
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -159,8 +161,9 @@ def encode_prompt(tokenizer, prompt, chat: bool | None = None) -> list[int]:
 
     `chat=None` applies the model's chat template to strings only when the tokenizer has one.
     """
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
-        return list(prompt)  # bools stay bools, for check_token_ids to refuse
+    if isinstance(prompt, (list, tuple)) and prompt and all(
+            isinstance(t, numbers.Integral) for t in prompt):  # numpy integers too
+        return [t if isinstance(t, bool) else int(t) for t in prompt]  # bools: refused below
     if hasattr(prompt, "tolist") and getattr(prompt, "ndim", None) == 1:  # numpy / mlx ids
         return encode_prompt(tokenizer, prompt.tolist(), chat)
     if isinstance(prompt, list):
@@ -175,10 +178,16 @@ def encode_prompt(tokenizer, prompt, chat: bool | None = None) -> list[int]:
     return tokenizer.encode(prompt)
 
 
-def whole_characters(tail: str) -> str:
+def whole_characters(tail: str, tokenizer, generated: list[int]) -> str:
     """What the detokenizer still held when the run ended, without the U+FFFD of a character
-    whose bytes never all came (a run cut inside an emoji): as llama.cpp's server does."""
-    return tail.rstrip("\ufffd")
+    whose bytes never all came (a run cut inside an emoji), as llama.cpp's server does. Only
+    that one: a U+FFFD the model wrote whole, or one for a stray byte, stays."""
+    if not tail.endswith("\ufffd") or not hasattr(tokenizer, "token_bytes"):
+        return tail
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in generated[-8:]:  # a character is at most 4 bytes; this reaches back far enough
+        utf8.decode(tokenizer.token_bytes(token))
+    return tail[:-1] if utf8.getstate()[0] else tail  # bytes still waiting: cut mid-character
 
 
 def check_token_ids(tokens: list[int], vocab_size: int) -> None:
@@ -241,7 +250,7 @@ def stream_generate(
     elif sampling_kwargs:
         raise MlxLlamaError("pass sampling options either as SamplingParams or as keywords")
     sampling.validate(model.config.vocab_size)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 1:
         raise MlxLlamaError(f"max_tokens must be an integer of at least 1, got {max_tokens!r}")
     if stop is not None and not isinstance(stop, str) and not (
             isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
@@ -294,7 +303,8 @@ def stream_generate(
         for n, (token, lp) in enumerate(steps, start=1):
             cache.tokens.append(token)  # decode has already fed it to the cache
             if token in end_ids:
-                tail, _ = stops.feed(whole_characters(detok.finalize()))
+                tail, _ = stops.feed(whole_characters(detok.finalize(), tokenizer,
+                                                      cache.tokens[len(tokens):-1]))
                 yield response(tail + stops.flush(), token, lp, n, "stop")
                 return
             text, hit = stops.feed(detok.add_token(token))
@@ -302,7 +312,8 @@ def stream_generate(
                 yield response(text, token, lp, n, "stop")
                 return
             if n >= max_tokens:
-                tail, hit = stops.feed(whole_characters(detok.finalize()))
+                tail, hit = stops.feed(whole_characters(detok.finalize(), tokenizer,
+                                                        cache.tokens[len(tokens):]))
                 yield response(text + tail + ("" if hit else stops.flush()), token, lp, n,
                                "stop" if hit else "length")
                 return

@@ -43,9 +43,17 @@ LOGIN_HINT = "log in with `huggingface-cli login` or set HF_TOKEN"
 
 
 def looks_like_repo_id(spec: str) -> bool:
-    """`org/name`, unless `org` is a folder here: then it is a local path with a typo."""
-    return (bool(REPO_ID.match(spec)) and not spec.startswith((".", "/", "~"))
-            and not Path(spec.split("/")[0]).is_dir())
+    return bool(REPO_ID.match(spec)) and not spec.startswith((".", "/", "~"))
+
+
+def with_local_hint(spec: str, error: MlxLlamaError) -> MlxLlamaError:
+    """`out/typo` where `out/` is a folder here was most likely meant as a local path: say
+    that there is no such folder before what the hub said."""
+    org = spec.split("/")[0]
+    if Path(org).is_dir():
+        return MlxLlamaError(f"there is no folder {spec} here (though {org}/ exists), and as a "
+                             f"hub repo id: {error}")
+    return error
 
 
 def resolve_model_folder(spec: str | Path, revision: str | None = None) -> Path:
@@ -59,7 +67,10 @@ def resolve_model_folder(spec: str | Path, revision: str | None = None) -> Path:
             )
         return path
     if isinstance(spec, str) and looks_like_repo_id(spec):
-        return download(spec, revision, MODEL_FILES)
+        try:
+            return download(spec, revision, MODEL_FILES)
+        except MlxLlamaError as e:
+            raise with_local_hint(spec, e) from None
     raise MlxLlamaError(f"model path {spec} does not exist; give a model folder or a hub repo id")
 
 
@@ -101,14 +112,15 @@ def not_a_model_repo(repo_id: str, revision: str | None) -> str:
     try:
         from huggingface_hub import HfApi
 
-        ggufs = sorted(f for f in HfApi().list_repo_files(repo_id, revision=revision)
-                       if f.lower().endswith(".gguf"))
+        ggufs = sorted((f for f in HfApi().list_repo_files(repo_id, revision=revision)
+                        if f.lower().endswith(".gguf")),
+                       key=lambda f: ("-of-" in f, "/" in f, f))  # whole files first
     except Exception:  # offline, or the listing failed: say what we know
         ggufs = []
     if ggufs:
         return (f"{repo_id} holds GGUF files ({', '.join(ggufs[:3])}{', ...' if len(ggufs) > 3 else ''}), "
                 "not a Hugging Face model folder: download one (`huggingface-cli download "
-                f"{repo_id} {ggufs[0]} --local-dir .`) and run `mlx-llama convert {Path(ggufs[0]).name} -o OUT`")
+                f"{repo_id} {ggufs[0]} --local-dir .`) and run `mlx-llama convert {ggufs[0]} -o OUT`")
     return (f"{repo_id} has no config.json: it is not a Hugging Face or MLX model repo; "
             "check the repo id")
 

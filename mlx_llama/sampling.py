@@ -13,6 +13,7 @@ Logits processors (repetition, frequency and presence penalties, logit bias) kee
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
@@ -74,15 +75,15 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
                      "presence_penalty", *integers):
             value = getattr(self, name)
-            kinds = (int,) if name in integers else (int, float)
+            kind = numbers.Integral if name in integers else numbers.Real  # numpy scalars too
             if name == "seed" and value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, kinds):
-                kind = "an integer" if name in integers else "a number"
-                raise MlxLlamaError(f"{name} must be {kind}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, kind):
+                what = "an integer" if name in integers else "a number"
+                raise MlxLlamaError(f"{name} must be {what}, got {value!r}")
         if not isinstance(self.logit_bias, dict) or not all(
-                isinstance(k, int) and not isinstance(k, bool) and isinstance(v, (int, float))
-                for k, v in self.logit_bias.items()):
+                isinstance(k, numbers.Integral) and not isinstance(k, bool)
+                and isinstance(v, numbers.Real) for k, v in self.logit_bias.items()):
             raise MlxLlamaError("logit_bias must map token ids (int) to numbers, e.g. {50256: -100}")
 
 

@@ -149,3 +149,20 @@ def test_a_run_cut_inside_a_character_does_not_end_in_a_replacement_char(tiny):
     cut = list(stream_generate(model, tok, PROMPT, 1, logit_bias={first: 100.0}))
     assert cut[-1].token == first and cut[-1].finish_reason == "length"
     assert "".join(r.text for r in cut) == ""
+
+
+def test_numpy_values_are_accepted_and_a_written_replacement_char_is_kept(tiny):
+    import numpy as np
+
+    model, tok = tiny
+    ids = tok.encode(PROMPT)
+    expected = generate(model, tok, ids, 6, temperature=0.7, top_k=5, seed=3)
+    assert generate(model, tok, [np.int64(i) for i in ids], np.int64(6),
+                    temperature=np.float32(0.7), top_k=np.int64(5), seed=np.int64(3),
+                    logit_bias={np.int64(7): np.float32(0.0)}) == expected
+    from mlx_llama.generate import whole_characters
+
+    written = tok.encode("x \ufffd", add_special_tokens=False)
+    assert whole_characters("\ufffd", tok, written) == "\ufffd"  # the model wrote it whole
+    cut = [tok.token_to_id("<0xF0>")]
+    assert whole_characters("\ufffd", tok, cut) == ""

@@ -267,13 +267,26 @@ def test_runtime_resolves_an_mlx_repo_id(tiny_checkpoints, tmp_path):
     model(mx.array([[1, 2]]))
 
 
-def test_a_local_path_typo_is_not_taken_for_a_repo_id(tmp_path, monkeypatch):
-    """`out/nonexist` where `out/` is a folder here: a missing local path, not a download."""
+def test_a_local_path_typo_says_so_and_a_repo_id_stays_one(tmp_path, monkeypatch):
+    """`out/nonexist` where `out/` is a folder here: the error says there is no such folder
+    before what the hub said; `org/name` is still a repo id when a folder `org/` exists (the
+    layout `huggingface-cli download --local-dir org/name` leaves)."""
+    from mlx_llama import hub
     from mlx_llama.errors import MlxLlamaError
-    from mlx_llama.hub import looks_like_repo_id, resolve_model_folder
 
     (tmp_path / "out").mkdir()
     monkeypatch.chdir(tmp_path)
-    assert looks_like_repo_id("org/name") and not looks_like_repo_id("out/nonexist")
-    with pytest.raises(MlxLlamaError, match="model path out/nonexist does not exist"):
-        resolve_model_folder("out/nonexist")
+    asked = []
+
+    def unreachable(repo_id, revision, patterns, progress=True):
+        asked.append(repo_id)
+        raise MlxLlamaError(f"cannot reach the Hugging Face hub to download {repo_id}")
+
+    monkeypatch.setattr(hub, "download", unreachable)
+    assert hub.looks_like_repo_id("out/nonexist")
+    with pytest.raises(MlxLlamaError, match=r"^there is no folder out/nonexist here \(though "
+                                            r"out/ exists\), and as a hub repo id: cannot reach"):
+        hub.resolve_model_folder("out/nonexist")
+    with pytest.raises(MlxLlamaError, match="^cannot reach the Hugging Face hub"):
+        hub.resolve_model_folder("org/name")
+    assert asked == ["out/nonexist", "org/name"]
