@@ -555,6 +555,8 @@ BAD_REQUESTS = [
     ("top_p out of range", "/v1/chat/completions", {**GOOD_CHAT, "top_p": 1.5}, 400, "top_p"),
     ("logit_bias token", "/v1/chat/completions", {**GOOD_CHAT, "logit_bias": {"99999": 1}}, 400,
      "logit_bias"),
+    ("token id outside the vocabulary", "/v1/completions",
+     {"model": MODEL_ID, "prompt": [1, 10**7]}, 400, "prompt"),
     ("batched prompts", "/v1/completions", {"model": MODEL_ID, "prompt": ["a", "b"]}, 400,
      "prompt"),
     ("echo", "/v1/completions", {"model": MODEL_ID, "prompt": "a", "echo": True}, 400, "echo"),

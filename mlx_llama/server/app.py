@@ -31,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
 from ..errors import MlxLlamaError
+from ..generate import check_token_ids
 from ..sampling import SamplingParams
 from . import schemas as S
 from .formats import ChatFormat, CompletionFormat, sse
@@ -404,11 +405,10 @@ def completion_prompt(ctx: ServerContext, prompt) -> str | list[int]:
                            code="unsupported_value")
         prompt = prompt[0]
     if isinstance(prompt, list):
-        vocab = ctx.worker.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(400, f"prompt token id {bad} is outside the vocabulary "
-                           f"(0..{vocab - 1})", param="prompt")
+        try:
+            check_token_ids(prompt, ctx.worker.vocab_size)
+        except MlxLlamaError as e:
+            raise APIError(400, str(e), param="prompt") from None
     return prompt
 
 

@@ -43,12 +43,10 @@ class GateMiddleware:
                     401, f"{what} API key: send 'Authorization: Bearer <key>' with the key "
                     "the server was started with (--api-key or MLX_LLAMA_API_KEY)",
                     code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        too_large = error_json(413, f"the request body is larger than {self.max_body_bytes} "
-                               "bytes: send a shorter prompt", code="request_too_large")
         length = headers.get(b"content-length")
         if refusal is None and length is not None and (
                 not length.isdigit() or int(length) > self.max_body_bytes):
-            refusal = too_large
+            refusal = self.too_large()
         if refusal is None and length is None:
             # No declared length (Transfer-Encoding: chunked): count the bytes as they come,
             # then hand the app the body it would have read anyway.
@@ -56,7 +54,7 @@ class GateMiddleware:
             if body is CLIENT_GONE:
                 return None
             if body is None:
-                refusal = too_large
+                refusal = self.too_large()
             else:
                 receive = replay(body, receive)
         if refusal is not None:
@@ -64,6 +62,10 @@ class GateMiddleware:
                      refusal.status_code)
             return await refusal(scope, receive, send)
         return await self.app(scope, receive, send)
+
+    def too_large(self):
+        return error_json(413, f"the request body is larger than {self.max_body_bytes} bytes: "
+                          "send a shorter prompt", code="request_too_large")
 
     async def read_capped(self, receive):
         """The whole body, None as soon as it passes `max_body_bytes`, or CLIENT_GONE if the
