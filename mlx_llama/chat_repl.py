@@ -36,15 +36,12 @@ def run_repl(args: argparse.Namespace) -> int:
 
 def converse(chat: Conversation, model, tokenizer, params, args: argparse.Namespace) -> None:
     """Read, answer, repeat; returns on /quit. Ctrl-C during a reply only stops that reply."""
+    from .cli import tolerant_stdin
+
     out, err = sys.stdout, sys.stderr
-    if hasattr(sys.stdin, "reconfigure"):  # a bad byte spoils its line only (check_utf8 names
-        sys.stdin.reconfigure(errors="surrogateescape")  # it), not the buffered lines around it
+    tolerant_stdin()  # a bad byte spoils its own line only
     while True:
-        try:
-            text = input(">>> ").strip()
-        except UnicodeDecodeError:  # a terminal or pipe in another encoding
-            print("error: that line is not valid UTF-8; type it again", file=err)
-            continue
+        text = input(">>> ").strip()
         if not text:
             continue
         command = text.split()[0] if re.match(r"/\w+(\s|$)", text) else None

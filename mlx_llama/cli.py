@@ -102,18 +102,20 @@ def prefill_progress(done: int, total: int) -> None:
         print(f"\rprefill: {done}/{total} tokens", end=end, file=sys.stderr, flush=True)
 
 
+def tolerant_stdin() -> None:
+    """Read standard input like argv: a byte that is not UTF-8 becomes a lone surrogate, which
+    `Tokenizer.encode` names in one line (check_utf8), instead of a decode error that would
+    also lose the buffered lines around it."""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")
+
+
 def read_prompt(prompt: str) -> str:
-    """`-p` as given, or standard input for `-p -`, decoded as UTF-8 whatever the locale."""
+    """`-p` as given, or standard input for `-p -`."""
     if prompt != "-":
         return prompt
-    raw = sys.stdin.buffer.read()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MlxLlamaError(
-            f"standard input is not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start}): "
-            "convert it to UTF-8 first"
-        ) from None
+    tolerant_stdin()
+    return sys.stdin.read()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
