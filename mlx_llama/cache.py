@@ -67,6 +67,10 @@ class LayerCache:
         """Constructor arguments (saved in prompt-cache files to rebuild the same kind)."""
         return {}
 
+    def shrink(self) -> None:
+        """Give back unused capacity before the cache is kept for later (kinds that grow in
+        blocks override this)."""
+
 
 class KVCache(LayerCache):
     kind = "default"

@@ -33,6 +33,7 @@ class Conversation:
         self.cache = PromptCache(self.make_layers)
         self.history_text = ""  # what cache.tokens stand for, as the template renders it
         self._prompt_text = ""
+        self._tokens_before: list[int] = []  # cache.tokens when the current turn began
 
     def add_user(self, text: str) -> list[int]:
         """Append a user message; return the prompt tokens for the model's reply."""
@@ -79,7 +80,7 @@ class Conversation:
         history text no longer matches its tokens, and the next turn falls back to prefix reuse."""
         if self.messages and self.messages[-1]["role"] == "user":
             self.messages.pop()
-        if self.cache.tokens != getattr(self, "_tokens_before", None):
+        if self.cache.tokens != self._tokens_before:
             self.history_text = ""
 
     def add_reply(self, text: str, last_token: int | None, complete: bool) -> None:

@@ -126,8 +126,7 @@ class PrefixCacheStore:
         if not cache.tokens:
             return
         for layer in cache.layers:
-            if hasattr(layer, "shrink"):
-                layer.shrink()
+            layer.shrink()
         entry = Entry(cache, prompt_len, allocated_bytes(cache))
         if entry.nbytes > self.budget_bytes:
             return
