@@ -125,23 +125,26 @@ def run_convert(args: argparse.Namespace) -> int:
     from .api import convert
 
     check_quantization_flags(args)
+    # Flags left out keep convert()'s own defaults (they are None here only to tell "given").
+    given = {"bits": args.bits, "group_size": args.group_size, "method": args.method,
+             "embedding_bits": args.embeddings_bits}
+    options = {name: value for name, value in given.items() if value is not None}
+    if args.no_quantize_embeddings:
+        options["embedding_bits"] = None
     try:
         convert(
             args.src,
             args.out,
             dtype=args.dtype,
             quantize=args.quantize,
-            bits=args.bits or 4,
-            group_size=args.group_size or 64,
-            embedding_bits=None if args.no_quantize_embeddings else (args.embeddings_bits or 8),
             shard_size=args.shard_size,
             revision=args.revision,
             force=args.force,
             progress=not args.no_progress,
-            method=args.method or "auto",
             bpw=args.bpw,
             calibrate=args.calibrate,
             eval_text=args.eval_text,
+            **options,
         )
         return 0
     except MlxLlamaError:
