@@ -182,7 +182,7 @@ def whole_characters(tail: str, tokenizer, generated: list[int]) -> str:
     """What the detokenizer still held when the run ended, without the U+FFFD of a character
     whose bytes never all came (a run cut inside an emoji), as llama.cpp's server does. Only
     that one: a U+FFFD the model wrote whole, or one for a stray byte, stays."""
-    if not tail.endswith("\ufffd") or not hasattr(tokenizer, "token_bytes"):
+    if not tail.endswith("\ufffd"):
         return tail
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token in generated[-8:]:  # a character is at most 4 bytes; this reaches back far enough

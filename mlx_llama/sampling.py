@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Callable
 
@@ -71,16 +71,15 @@ class SamplingParams:
 
     def _check_types(self) -> None:
         """Numbers must be numbers (a "0.7" from a form field would otherwise fail deep in MLX)."""
-        integers = ("top_k", "repetition_context_size", "seed")
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
-                     "presence_penalty", *integers):
-            value = getattr(self, name)
-            kind = numbers.Integral if name in integers else numbers.Real  # numpy scalars too
-            if name == "seed" and value is None:
+        for f in fields(self):  # the annotations say which are integers (as strings here)
+            kind = {"float": numbers.Real, "int": numbers.Integral,
+                    "int | None": numbers.Integral}.get(f.type)
+            value = getattr(self, f.name)
+            if kind is None or (value is None and f.type.endswith("None")):
                 continue
-            if isinstance(value, bool) or not isinstance(value, kind):
-                what = "an integer" if name in integers else "a number"
-                raise MlxLlamaError(f"{name} must be {what}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, kind):  # numpy scalars pass
+                what = "a number" if kind is numbers.Real else "an integer"
+                raise MlxLlamaError(f"{f.name} must be {what}, got {value!r}")
         if not isinstance(self.logit_bias, dict) or not all(
                 isinstance(k, numbers.Integral) and not isinstance(k, bool)
                 and isinstance(v, numbers.Real) for k, v in self.logit_bias.items()):

@@ -49,6 +49,7 @@ class _Backend(Protocol):
     name: str
     special_ids: frozenset[int]  # ids `decode` leaves out
     vocab_size: int
+    byte_level: bool  # pieces spell bytes, one character each (GPT-2's alphabet)
 
     def encode(self, text: str) -> list[int]: ...  # no BOS/EOS added
     def decode(self, ids: Sequence[int]) -> str: ...  # special ids skipped
@@ -128,6 +129,7 @@ class _SentencePieceBackend:
     """
 
     name = "sentencepiece"
+    byte_level = False  # pieces are text ("▁the"), bytes only as <0xNN> byte-fallback pieces
 
     def __init__(self, path: Path, added_tokens: Mapping[str, tuple[int, bool]]) -> None:
         import sentencepiece as spm
@@ -345,7 +347,7 @@ class Tokenizer:
         byte = _BYTE_PIECE.fullmatch(piece)
         if byte:
             return bytes([int(byte.group(1), 16)])
-        if getattr(self._backend, "byte_level", False) and all(c in _UNICODE_TO_BYTE for c in piece):
+        if self._backend.byte_level and all(c in _UNICODE_TO_BYTE for c in piece):
             return bytes(_UNICODE_TO_BYTE[c] for c in piece)
         return piece.replace("\u2581", " ").encode("utf-8")
 
