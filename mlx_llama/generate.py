@@ -120,8 +120,6 @@ def decode(
         next_token, next_logprobs = decode_step(model, token, cache, sampler, processor)
         mx.async_eval(next_token, next_logprobs)
         token_id = token.item()
-        if processor is not None:
-            processor.observe_id(token_id)
         yield token_id, (logprobs[0] if want_logprobs else None)
         token, logprobs = next_token, next_logprobs
 

@@ -147,7 +147,10 @@ class LogitsProcessor:
         self.params = params
         self.vocab_size = vocab_size
         self.counts = mx.zeros((vocab_size,), mx.float32)
-        self.recent = list(prompt[-params.repetition_context_size :])
+        # The last tokens of prompt and output, as an array updated inside the graph: decode
+        # builds step n+1 before token n reaches the host, so a host-side list would always
+        # leave out the token just sampled (the one a repetition penalty matters for most).
+        self.recent = mx.array(list(prompt[-params.repetition_context_size :]), mx.int32)
         self.bias = None
         if params.logit_bias:
             bias = [0.0] * vocab_size
@@ -164,8 +167,8 @@ class LogitsProcessor:
 
     def __call__(self, logits: mx.array) -> mx.array:
         p = self.params
-        if p.repetition_penalty != 1.0 and self.recent:
-            idx = mx.array(self.recent)
+        if p.repetition_penalty != 1.0 and self.recent.size:
+            idx = self.recent
             picked = logits[..., idx]
             picked = mx.where(picked > 0, picked / p.repetition_penalty,
                               picked * p.repetition_penalty)
@@ -178,11 +181,11 @@ class LogitsProcessor:
         return logits
 
     def observe(self, token: mx.array) -> None:
-        """Record a sampled token (still lazy: no host sync)."""
-        if self.params.frequency_penalty or self.params.presence_penalty:
+        """Record a sampled (1,) token, still lazy: the next step's penalties see it without a
+        host sync."""
+        p = self.params
+        if p.frequency_penalty or p.presence_penalty:
             self.counts = self.counts.at[token].add(1.0)
-
-    def observe_id(self, token: int) -> None:
-        if self.params.repetition_penalty != 1.0:
-            self.recent.append(token)
-            del self.recent[: -self.params.repetition_context_size]
+        if p.repetition_penalty != 1.0:
+            window = mx.concatenate([self.recent, token.reshape(-1).astype(mx.int32)])
+            self.recent = window[-p.repetition_context_size :]

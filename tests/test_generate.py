@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlx_llama.cache import PromptCache
 from mlx_llama.errors import MlxLlamaError
-from mlx_llama.generate import generate, stream_generate
+from mlx_llama.generate import decode, generate, stream_generate
 from mlx_llama.loading import load
+from mlx_llama.sampling import LogitsProcessor, SamplingParams, make_sampler
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,26 @@ def test_seed_reproducible(tiny):
     b = generate(model, tok, PROMPT, 24, seed=11, **kw)
     c = generate(model, tok, PROMPT, 24, seed=12, **kw)
     assert a == b and a != c
+
+
+def test_repetition_penalty_covers_the_token_just_generated():
+    """Decode builds step n+1 before token n reaches the host; the penalty must still see
+    token n (a window lagging by one let every token repeat once under any penalty)."""
+    vocab = 16
+    favourite = np.linspace(0.1, 1.6, vocab, dtype=np.float32)  # token 15 best, then 14, ...
+
+    def constant_model(tokens, cache):  # the same positive logits whatever came before
+        return mx.array(favourite)[None, None]
+
+    def run(context):
+        params = SamplingParams(repetition_penalty=100.0, repetition_context_size=context)
+        processor = LogitsProcessor(params, vocab, prompt=[0])
+        steps = decode(constant_model, mx.array(favourite)[None], [], make_sampler(params),
+                       processor)
+        return [next(steps)[0] for _ in range(8)]
+
+    assert run(1) == [15, 14, 15, 14, 15, 14, 15, 14]  # never the previous token
+    assert run(3) == [15, 14, 13, 12, 15, 14, 13, 12]  # none of the last three again
 
 
 def test_stop_string_cuts_output(tiny):

@@ -87,7 +87,6 @@ def apply(params: SamplingParams, logits, prompt=(), generated=()):
     proc = LogitsProcessor(params, VOCAB, list(prompt))
     for t in generated:
         proc.observe(mx.array([t]))
-        proc.observe_id(t)
     return np.array(proc(mx.array(np.asarray(logits, np.float32))[None]))[0]
 
 
