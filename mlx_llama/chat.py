@@ -63,12 +63,29 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
             message["content"] = ""  # OpenAI history: a tool-calling turn has null content
         elif content is None:
             raise MlxLlamaError(f"{where} ({role}) has no 'content'; {shape}")
+        elif isinstance(content, (list, tuple)):
+            message["content"] = _joined_text_parts(content, f"{where} ({role})", shape)
         elif not isinstance(content, str):
             raise MlxLlamaError(
                 f"{where} ({role}) has 'content' of {type(content).__name__}, not str; {shape}"
             )
         clean.append(message)
     return clean
+
+
+def _joined_text_parts(parts: Sequence[Any], where: str, shape: str) -> str:
+    """OpenAI-style content parts [{"type": "text", "text": ...}, ...] as one string, joined
+    by newlines as the server joins them (and vLLM does): most templates only handle a string
+    and would print a list's repr into the prompt."""
+    texts = []
+    for part in parts:
+        if not (isinstance(part, Mapping) and part.get("type") == "text"
+                and isinstance(part.get("text"), str)):
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            raise MlxLlamaError(f"{where} has a content part of type {kind!r}: only text parts "
+                                f'({{"type": "text", "text": str}}) are supported; {shape}')
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def render_chat_template(
@@ -100,6 +117,12 @@ def render_chat_template(
     except jinja2.TemplateError as exc:
         # raise_exception() in a template reports a user mistake (e.g. roles not alternating).
         raise MlxLlamaError(f"The chat template rejected the messages: {_one_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - a template is code; its Python errors come from
+        # the messages it was given (a number where it adds strings, a missing key, ...)
+        raise MlxLlamaError(
+            f"The chat template failed on these messages ({type(exc).__name__}: "
+            f"{_one_line(exc)}); check the messages' fields (types of content, tool_calls)"
+        ) from None
 
 
 def render_fallback(messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
@@ -130,19 +153,44 @@ def apply_chat_template(
     messages: Sequence[Message],
     *,
     add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
     special_tokens: Mapping[str, Any] | None = None,
     **variables: Any,
 ) -> str:
-    """Render with `template`, or with `render_fallback` when the model has none."""
+    """Render with `template`, or with `render_fallback` when the model has none.
+
+    `continue_final_message` (as in transformers) leaves the last message open, so the model
+    continues its text ("prefilling" the start of a reply) instead of starting a new turn.
+    """
+    if continue_final_message and add_generation_prompt:
+        raise MlxLlamaError("continue_final_message continues the last message, "
+                            "add_generation_prompt starts a new one: pass only one of them")
     if template is None:
-        return render_fallback(messages, add_generation_prompt=add_generation_prompt)
-    return render_chat_template(
-        template,
-        messages,
-        add_generation_prompt=add_generation_prompt,
-        special_tokens=special_tokens,
-        **variables,
-    )
+        text = render_fallback(messages, add_generation_prompt=add_generation_prompt)
+    else:
+        text = render_chat_template(
+            template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=special_tokens,
+            **variables,
+        )
+    return _cut_after_final_message(text, messages) if continue_final_message else text
+
+
+def _cut_after_final_message(text: str, messages: Sequence[Message]) -> str:
+    """The rendered text up to the end of the last message's content, dropping what closes
+    the turn; as transformers does, its stripped form is searched if the template strips it."""
+    final = validate_messages(messages)[-1]["content"]
+    end = text.rfind(final) if final else -1
+    if end < 0 and final.strip():
+        final = final.strip()
+        end = text.rfind(final)
+    if end < 0:
+        raise MlxLlamaError("continue_final_message: the last message's text is not in the "
+                            "rendered prompt (empty, or changed by the template), so it cannot "
+                            "be continued")
+    return text[: end + len(final)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -370,9 +370,13 @@ class Tokenizer:
         tokenize: bool = False,
         *,
         chat_template: str | None = None,
+        continue_final_message: bool = False,
         **template_vars: Any,
     ) -> str | list[int]:
         """Render `messages` with the model's chat template (or the documented fallback).
+
+        `continue_final_message=True` (with `add_generation_prompt=False`) leaves the last
+        message open for the model to continue, as in transformers.
 
         `chat_template` may name one of `chat_templates` (e.g. "tool_use") or be a template
         source. With `tokenize=True` the ids carry exactly one BOS when the model uses one,
@@ -385,6 +389,7 @@ class Tokenizer:
             template,
             messages,
             add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
             special_tokens=self.special_tokens,
             **template_vars,
         )

@@ -171,7 +171,7 @@ BAD_MESSAGES = {
     "no-content": [{"role": "user"}],
     "none-content": [{"role": "user", "content": None}],
     "int-content": [{"role": "user", "content": 3}],
-    "list-content": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+    "list-content": [{"role": "user", "content": [{"type": "image", "url": "x"}]}],
     "second-bad": [{"role": "user", "content": "hi"}, {"role": 1, "content": "x"}],
 }
 
@@ -228,3 +228,44 @@ def test_chat_template_json_file(tmp_path):
     folder = F.write_llama3_folder(tmp_path / "m")
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": "X{{ messages[0].content }}"}))
     assert load_tokenizer(folder).apply_chat_template([{"role": "user", "content": "y"}]) == "Xy"
+
+
+@pytest.mark.parametrize("folder", ["llama3_dir", "llama2_dir"])
+def test_continue_final_message_matches_transformers(request, folder):
+    """The last (assistant) message is left open for the model to continue, not closed."""
+    path = request.getfixturevalue(folder)
+    ours, ref = load_tokenizer(path), _reference(path)
+    messages = [{"role": "user", "content": "Write a poem"},
+                {"role": "assistant", "content": "Roses are "}]
+    text = ours.apply_chat_template(messages, add_generation_prompt=False,
+                                    continue_final_message=True)
+    assert text == ref.apply_chat_template(messages, add_generation_prompt=False,
+                                           continue_final_message=True, tokenize=False)
+    assert text.rstrip().endswith("Roses are")
+    closed = ours.apply_chat_template(messages, add_generation_prompt=False)
+    assert closed.startswith(text) and len(closed) > len(text)
+    with pytest.raises(MlxLlamaError, match="only one"):
+        ours.apply_chat_template(messages, continue_final_message=True)
+    assert apply_chat_template(None, messages, add_generation_prompt=False,
+                               continue_final_message=True).endswith("Assistant: Roses are ")
+
+
+def test_a_python_error_inside_a_template_is_one_line():
+    template = ("{% for m in messages %}{% if m.tool_calls %}"
+                "{{ m.content + m.tool_calls[0].function.name }}{% endif %}{% endfor %}")
+    messages = [{"role": "user", "content": "q"},
+                {"role": "assistant", "content": "",
+                 "tool_calls": [{"type": "function", "function": {"name": 5}}]}]
+    with pytest.raises(MlxLlamaError) as excinfo:
+        render_chat_template(template, messages)
+    message = str(excinfo.value)
+    assert "TypeError" in message and "tool_calls" in message and "\n" not in message
+
+
+def test_text_content_parts_are_joined_as_the_server_joins_them():
+    parts = [{"type": "text", "text": "Translate:"}, {"type": "text", "text": "bonjour"}]
+    assert validate_messages([{"role": "user", "content": parts}])[0]["content"] == \
+        "Translate:\nbonjour"
+    image = [{"type": "image_url", "image_url": {"url": "x"}}]
+    with pytest.raises(MlxLlamaError, match="image_url"):
+        validate_messages([{"role": "user", "content": image}])
