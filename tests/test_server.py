@@ -586,6 +586,12 @@ def test_bad_request_gets_status_and_error_json(http, what, path, body, status, 
     assert error["param"] == param
 
 
+def test_too_many_stop_strings_says_the_limit(http):
+    response = http.post("/v1/chat/completions", json={**GOOD_CHAT, "stop": ["a"] * 17})
+    error = assert_openai_error(response, 400)
+    assert error["param"] == "stop" and "at most 16 stop strings" in error["message"]
+
+
 def test_api_key_required_except_health(server):
     no_key = httpx.post(f"{server.url}/v1/chat/completions", json=GOOD_CHAT)
     assert assert_openai_error(no_key, 401)["code"] == "invalid_api_key"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_STRINGS = 16
 
@@ -79,7 +79,7 @@ class SamplingFields(Strict):
     min_p: Probability | None = None
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     seed: int | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop: str | list[str] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Bias] | None = None
@@ -91,6 +91,14 @@ class SamplingFields(Strict):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_16_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        # A length limit inside the union would be reported as "Input should be a valid string".
+        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+        return stop
 
 
 class ResponseFormat(Strict):
