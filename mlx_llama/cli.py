@@ -48,7 +48,9 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--max-tokens", type=int, default=256,
+                   help="most tokens to generate (default 256; -1: until an end token or the "
+                        "context)")
     g.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.0,
                    help="0 is greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -138,7 +140,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print()
     if last is not None:
         print_stats(last)
-        if last.finish_reason == "length" and last.generation_tokens < args.max_tokens:
+        if last.finish_reason == "length" and (args.max_tokens == -1
+                                               or last.generation_tokens < args.max_tokens):
             print(f"note: stopped after {last.generation_tokens} tokens, at the end of the "
                   "model's context (--max-kv-size lets a rotating cache go on)", file=sys.stderr)
     return 0

@@ -10,6 +10,7 @@ checks are the only per-token host work.
 from __future__ import annotations
 
 import codecs
+import math
 import numbers
 import time
 from dataclasses import dataclass
@@ -47,6 +48,11 @@ class GenerationResponse:
     generation_tokens: int
     generation_tps: float
     peak_memory_gb: float
+
+    @property
+    def peak_memory(self) -> float:
+        """mlx-lm's name for `peak_memory_gb` (also in GB), so code written for it runs."""
+        return self.peak_memory_gb
 
 
 
@@ -232,7 +238,9 @@ def stream_generate(
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt`, yielding a `GenerationResponse` per printable piece.
 
-    `prompt` is a string, a list of chat messages, or token ids. Sampling options may be
+    `prompt` is a string, a list of chat messages, or token ids. `max_tokens=-1` sets no
+    limit (as in mlx-lm): the run ends at an end token, a stop string or the model's context
+    (never, with a rotating cache no wider than the context). Sampling options may be
     given as a `SamplingParams` or as keywords (`temperature=0.7, top_p=0.9, seed=1, ...`).
     A `PromptCache(model.make_cache)` passed in is reused: the longest prefix it shares with
     this prompt (e.g. the previous turn of a chat) is kept and only the rest is prefilled;
@@ -248,8 +256,12 @@ def stream_generate(
     elif sampling_kwargs:
         raise MlxLlamaError("pass sampling options either as SamplingParams or as keywords")
     sampling.validate(model.config.vocab_size)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 1:
-        raise MlxLlamaError(f"max_tokens must be an integer of at least 1, got {max_tokens!r}")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or (
+            max_tokens < 1 and max_tokens != -1):
+        raise MlxLlamaError(f"max_tokens must be an integer of at least 1 (or -1: no limit), "
+                            f"got {max_tokens!r}")
+    if max_tokens == -1:  # as in mlx-lm: until an end token, a stop string or the context
+        max_tokens = math.inf
     if stop is not None and not isinstance(stop, str) and not (
             isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
         raise MlxLlamaError(f"stop must be a string or a list of strings, got {stop!r}")

@@ -31,6 +31,19 @@ def test_max_tokens_and_finish_reason(tiny):
     assert steps[-1].peak_memory_gb > 0 and steps[-1].generation_tps > 0
 
 
+def test_max_tokens_minus_one_runs_to_the_end_token_or_the_context(tiny):
+    """mlx-lm's "no limit"."""
+    model, tok = tiny
+    limit = model.config.max_position_embeddings
+    ids = tok.encode(PROMPT)
+    prompt = (ids * limit)[: limit - 5]
+    steps = list(stream_generate(model, tok, prompt, -1, logit_bias={2: -1e9}))
+    assert len(steps) == 5 and steps[-1].finish_reason == "length"
+    ended = list(stream_generate(model, tok, PROMPT, -1, logit_bias={2: 1e9}))
+    assert len(ended) == 1 and ended[-1].finish_reason == "stop"
+    assert ended[-1].peak_memory == ended[-1].peak_memory_gb > 0  # mlx-lm's field name too
+
+
 def test_end_token_stops_and_is_not_printed(tiny):
     model, tok = tiny
     steps = list(stream_generate(model, tok, PROMPT, 20, logit_bias={2: 1e9}))
@@ -101,7 +114,7 @@ def test_prompt_cache_prefills_only_new_tokens(tiny):
 @pytest.mark.parametrize(
     "prompt, kwargs, needle",
     [("", {}, "empty"), ("word " * 600, {}, "context"), (PROMPT, {"top_p": 3.0}, "top_p"),
-     (PROMPT, {"max_tokens": 0}, "max_tokens"),
+     (PROMPT, {"max_tokens": 0}, "max_tokens"), (PROMPT, {"max_tokens": -2}, "-1: no limit"),
      # Token ids past the vocabulary crashed the process (an embedding gather out of range).
      ([10**7], {}, "prompt token id 10000000 is outside the vocabulary"),
      ([5, -5], {}, "prompt token id -5"), ([True, False], {}, "prompt token id True"),
