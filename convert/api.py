@@ -349,7 +349,7 @@ def verify_folder(folder: Path) -> None:
 
     quantized = "quantization" in read_config(folder)
     try:
-        model, _ = load_model(folder, compute_dtype="auto" if quantized else None)
+        model, _ = load_model(folder, compute_dtype="auto" if quantized else None, lazy=True)
         h = model.model.embed_tokens(mx.array([[model.config.bos_token_id or 0]]))
         mx.eval(h)
         if not model.config.tie_word_embeddings:

@@ -27,7 +27,7 @@ MAX_STREAMS = 8
 # would cost more than the rows.
 MIN_ROWS_PER_STREAM = 64
 
-_extra_streams: list[mx.Stream] = []
+_extra_streams: list[mx.ThreadLocalStream] = []
 
 
 def stream_count() -> int:
@@ -45,18 +45,22 @@ def stream_count() -> int:
     return max(1, min(cores, MAX_STREAMS))
 
 
-def streams(n: int) -> list[mx.Stream | None]:
+def streams(n: int) -> list[mx.ThreadLocalStream | None]:
     """`n` CPU streams: None (the default stream, where the rest of the graph runs) first."""
     while len(_extra_streams) < n - 1:
-        _extra_streams.append(mx.new_stream(mx.cpu))
+        # Thread-local: MLX (since its streams became per-thread) binds a plain stream to the
+        # thread that made it, and a model loaded on one thread is often run on another (an
+        # app's worker thread). Older MLX has only global streams.
+        make = getattr(mx, "new_thread_local_stream", mx.new_stream)
+        _extra_streams.append(make(mx.cpu))
     return [None, *_extra_streams[: n - 1]]
 
 
 def row_slices(arrays: list[mx.array | None], n: int) -> list[list[mx.array | None]]:
     """Split each array (same first dimension) into `n` contiguous row ranges.
 
-    Left lazy: the first forward pass evaluates them, as views of the weights it loads then
-    (evaluating them here would read every weight from disk at load time, all at once).
+    Left lazy here: the loader evaluates them with the weights (`shard_arrays`), as views of
+    them, unless it loads lazily (the converter's layer-by-layer check).
     """
     rows = arrays[0].shape[0]
     bounds = [rows * i // n for i in range(n + 1)]
@@ -140,6 +144,14 @@ class ShardedLinear(_SplitLinear, nn.Linear):
 
 class ShardedEmbedding(_SplitHead, nn.Embedding):
     """A float embedding whose head matmul runs as row shards."""
+
+
+def shard_arrays(model: nn.Module) -> list[mx.array]:
+    """The row shards' arrays (views of the weights, kept outside `parameters()`), for a
+    loader that reads the weights up front to evaluate with them."""
+    return [a for _, module in model.named_modules()
+            for _, *arrays in (module.__dict__.get("_row_shards") or ())
+            for a in arrays if a is not None]
 
 
 def use_cpu_streams(model: nn.Module, n: int | None = None, dense: bool = False) -> int:

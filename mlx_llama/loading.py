@@ -1,6 +1,7 @@
 """Read an MLX model folder (ours or mlx-lm's) into a ready `Llama` and its tokenizer.
 
-Weights are opened lazily with `mx.load`, so nothing is read from disk until it is used.
+Weights are opened lazily with `mx.load` and read once the model is built (its casts and row
+splits applied), so nothing is read twice.
 Quantized layers are built from the config's `quantization` block before the weights are
 loaded, exactly as mlx-lm lays them out, so the thousands of mlx-community folders load too.
 
@@ -25,7 +26,7 @@ import mlx.nn as nn
 
 from .config import ModelConfig
 from .errors import MlxLlamaError
-from .cpu_streams import use_cpu_streams
+from .cpu_streams import shard_arrays, use_cpu_streams
 from .fused import lean_graph, use_dense_prefill
 from .model import Llama
 
@@ -143,9 +144,15 @@ def auto_kv_dtype(stored: mx.Dtype, compute: mx.Dtype) -> mx.Dtype:
 
 
 def load_model(
-    folder: str | Path, compute_dtype: mx.Dtype | None | str = "auto"
+    folder: str | Path, compute_dtype: mx.Dtype | None | str = "auto", lazy: bool = False
 ) -> tuple[Llama, dict[str, Any]]:
-    """Build the model from an MLX folder; returns it with the raw config dict."""
+    """Build the model from an MLX folder; returns it with the raw config dict.
+
+    The weights are read before this returns (as mlx-lm's `load` does unless lazy): MLX binds
+    a lazy array to the thread that built it, so a model left lazy could only run on the
+    thread that loaded it. `lazy=True` leaves them unread until used, for a caller that runs
+    the model on this thread and wants to drop layers as it goes (the converter's check).
+    """
     folder = Path(folder)
     raw = read_config(folder)
     cfg = ModelConfig.from_dict(raw)
@@ -186,6 +193,8 @@ def load_model(
         else:
             use_dense_prefill(model)
     model.eval()
+    if not lazy:
+        mx.eval(model.parameters(), shard_arrays(model))
     return model, raw
 
 

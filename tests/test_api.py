@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,27 @@ def test_python_api_example_runs(tiny_checkpoints):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "tokens" in result.stdout and "tok/s" in result.stdout
+
+
+def test_a_model_loaded_on_one_thread_generates_on_another(smollm2_mlx):
+    """MLX binds lazy arrays and plain streams to the thread that made them: a model loaded
+    on the main thread (weights left lazy, matmuls split over main-thread streams) failed on
+    an app's worker thread with "There is no Stream(cpu, 0) in current thread"."""
+    code = f"""
+import threading
+import mlx.core as mx
+from mlx_llama import generate, load
+model, tok = load({str(smollm2_mlx)!r})
+out = {{}}
+def work():
+    out["thread"] = generate(model, tok, "Name a colour.", 6)
+    mx.clear_streams()  # what a thread that used MLX does before it ends
+worker = threading.Thread(target=work)
+worker.start()
+worker.join()
+assert out.get("thread") == generate(model, tok, "Name a colour.", 6), out
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300, cwd="/", env={**os.environ, "MLX_LLAMA_CPU_STREAMS": "2"})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
