@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -955,3 +958,28 @@ def test_logprob_aligner_never_runs_ahead_and_covers_what_was_sent(request, tok_
         assert len(spelled) < len(content) + len(stop)
     else:
         assert spelled == content
+
+
+def test_the_process_exits_cleanly_after_the_worker_has_generated(smollm2_mlx):
+    """MLX aborted the process at exit ("terminate called without an active exception") once
+    the worker thread had generated on split matmuls (SmolLM2's layers are big enough to be
+    split; the tiny test models' are not) and ended, unless that thread destroys its
+    streams before it ends."""
+    chat_model_dir = smollm2_mlx
+    code = f"""
+from fastapi.testclient import TestClient
+from mlx_llama.server.app import create_app
+from mlx_llama.server.worker import GenerationWorker, load_model_fn
+from mlx_llama.tokenizer import load_tokenizer
+tok = load_tokenizer({str(chat_model_dir)!r})
+worker = GenerationWorker(load_model_fn({str(chat_model_dir)!r}), tok).start()
+reply = TestClient(create_app(worker, tok, model_id="m")).post("/v1/chat/completions", json={{
+    "model": "m", "messages": [{{"role": "user", "content": "hi"}}], "max_tokens": 3}})
+assert reply.status_code == 200, reply.text
+worker.stop()
+print("ok")
+"""
+    for _ in range(3):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                timeout=120, env={**os.environ, "MLX_LLAMA_CPU_STREAMS": "2"})
+        assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

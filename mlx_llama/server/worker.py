@@ -315,6 +315,14 @@ class GenerationWorker:
 
     def _main(self) -> None:
         try:
+            self._serve()
+        finally:
+            # MLX's streams of a thread that ends must be destroyed by that thread, or the
+            # process may abort at exit ("terminate called without an active exception").
+            getattr(mx, "clear_streams", lambda: None)()
+
+    def _serve(self) -> None:
+        try:
             self.model = self._load_model()
             kind, options = self.cache_kind
             make_layers = functools.partial(self.model.make_cache, kind, **options)
