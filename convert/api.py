@@ -115,8 +115,8 @@ def convert(
     target = dtype or declared_dtype(source.config)
     weights = map_weights(source.weights, cfg)
     reopen = lambda: map_weights(open_source(src, revision, False).weights, cfg)  # noqa: E731
-    if recipe is not None and source.quantization is None:
-        from .measure import prepare_recipe
+    if recipe is not None and recipe.measures and source.quantization is None:
+        from .measure import prepare_recipe  # (and numba, through the search it measures with)
 
         prepare_recipe(recipe, reopen, cfg, source.files, DTYPES.get(target), progress)
     plan = plan_tensors(weights, DTYPES.get(target), recipe, source.quantization)

@@ -79,7 +79,7 @@ def prepare_recipe(
 ) -> Calibration | None:
     """Fill `recipe.importance` (and, with a budget, `recipe.overrides`) from measurements."""
     gptq = recipe.method == "gptq"
-    if recipe.calibration is None and recipe.bpw is None and not gptq:
+    if not recipe.measures:
         return None
     text = read_calibration_text(recipe.calibration or "builtin")
     tokens = source_tokenizer(files).encode(text)

@@ -107,6 +107,11 @@ class QuantRecipe:
     def default(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size)
 
+    @property
+    def measures(self) -> bool:
+        """Whether the source model must be run on calibration text first (measure.py)."""
+        return self.calibration is not None or self.bpw is not None or self.method == "gptq"
+
     def quantize(self, module: str, w: mx.array, spec: QuantSpec):
         """Quantize `module`'s weight `w` as `spec` says, with the recipe's method and weights."""
         importance = self.importance.get(module)

@@ -346,3 +346,18 @@ def test_every_data_file_of_the_packages_is_installed():
             patterns = listed.get(package, [])
             assert any(fnmatch.fnmatch(relative, p) for p in patterns), (package, relative)
     assert (root / "convert" / "data" / "calibration.txt").is_file()
+
+
+def test_plain_quantization_does_not_load_numba(tiny_checkpoints, tmp_path):
+    """Only conversions that search or measure need the compiled kernel (0.6 s to load, and
+    a broken numba must not break plain -q)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from convert.api import convert; "
+            f"convert({str(tiny_checkpoints['gqa'])!r}, {str(tmp_path / 'q')!r}, quantize=True, "
+            "progress=False); print('numba' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"
