@@ -86,13 +86,22 @@ def load_checked(folder: Path):
     """`load(folder)` for a subcommand that runs the model, with one line on stderr when the
     model does not fit the memory available (any backend)."""
     from .loading import load
+
+    model, tokenizer = load(folder, lazy=True)
+    warn_if_too_big_then_read(model)
+    return model, tokenizer
+
+
+def warn_if_too_big_then_read(model) -> None:
+    """The fit warning comes from the model's sizes alone, so it is printed before the weights
+    are read (reading a model that does not fit is what makes the machine swap)."""
+    from .loading import read_weights_now
     from .memory import fit_warning
 
-    model, tokenizer = load(folder)
     message = fit_warning(model)
     if message:
-        print(f"warning: {message}", file=sys.stderr)
-    return model, tokenizer
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+    read_weights_now(model)
 
 
 def prefill_progress(done: int, total: int) -> None:
@@ -194,11 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
         getattr(mod, add)(p)
         p.set_defaults(func=getattr(mod, run))
+    parser.commands = dict(sub.choices)  # for main(): a stray flag is named with its command
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, stray = parser.parse_known_args(argv)
+    if stray:  # argparse would point at `mlx-llama --help`, not at the command's own help
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(stray)}")
     try:
         return int(args.func(args) or 0)
     except MlxLlamaError as e:

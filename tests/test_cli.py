@@ -314,13 +314,16 @@ def test_generate_says_when_the_context_cut_it_short(chat_model_ctx64, capsys):
     assert generated < 200 and "at the end of the model's context" in err
 
 
-@pytest.mark.parametrize("argv", [["convert", "x", "-o", "y", "--group-size", "48"],
-                                  ["generate", "--bogus"], []])
-def test_a_bad_flag_is_one_line(argv):
+@pytest.mark.parametrize("argv, help_of", [
+    (["convert", "x", "-o", "y", "--group-size", "48"], "mlx-llama convert --help"),
+    (["generate", "--bogus"], "mlx-llama generate --help"),
+    (["convert", "x", "-o", "y", "--bogus"], "mlx-llama convert --help"),
+    ([], "mlx-llama --help")])
+def test_a_bad_flag_is_one_line_pointing_at_its_commands_help(argv, help_of):
     result = run_cli(*argv)
     assert result.returncode == 2
     line = one_line_error(result.stderr)
-    assert "--help" in line
+    assert help_of in line
 
 
 def test_chat_skips_a_line_that_is_not_utf8_and_keeps_the_rest(chat_model):
