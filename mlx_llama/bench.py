@@ -267,7 +267,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Benchmark prompt processing and decoding of a model on fixed token sequences."""
-    from .cli import resolve_model
+    from .cli import resolve_model, warn_if_too_big_then_read
     from .loading import load_model
 
     if args.generation_tokens < 2:
@@ -275,7 +275,8 @@ def run(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise MlxLlamaError(f"--warmup must be 0 or more, got {args.warmup}")
     folder = resolve_model(args.model)
-    model, _ = load_model(folder)
+    model, _ = load_model(folder, lazy=True)
+    warn_if_too_big_then_read(model)
     if args.dense_prefill:
         from .fused import use_dense_prefill
 

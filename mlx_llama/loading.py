@@ -194,20 +194,28 @@ def load_model(
             use_dense_prefill(model)
     model.eval()
     if not lazy:
-        mx.eval(model.parameters(), shard_arrays(model))
+        read_weights_now(model)
     return model, raw
 
 
-def load(path_or_repo: str | Path, compute_dtype: mx.Dtype | None | str = "auto"):
+def read_weights_now(model: nn.Module) -> None:
+    """Evaluate a lazily loaded model's weights (and their row shards) on this thread, after
+    which any thread can run it."""
+    mx.eval(model.parameters(), shard_arrays(model))
+
+
+def load(path_or_repo: str | Path, compute_dtype: mx.Dtype | None | str = "auto",
+         lazy: bool = False):
     """Load a model folder (or a Hugging Face hub repo id of an MLX model).
 
     Returns `(model, tokenizer)`. `compute_dtype="auto"` picks the fastest arithmetic per
     backend (see the module docstring); pass an `mx.Dtype` to compute everything in it, or None
-    to keep the stored one.
+    to keep the stored one. `lazy=True` leaves the weights unread until first used, on this
+    thread (see `load_model`).
     """
     from .hub import resolve_model_folder
     from .tokenizer import load_tokenizer
 
     folder = resolve_model_folder(path_or_repo)
-    model, _ = load_model(folder, compute_dtype)
+    model, _ = load_model(folder, compute_dtype, lazy)
     return model, load_tokenizer(folder)

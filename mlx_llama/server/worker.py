@@ -34,6 +34,7 @@ import mlx.core as mx
 from .. import memory
 from ..errors import MlxLlamaError
 from ..generate import stream_generate
+from ..loading import read_weights_now
 from ..sampling import SamplingParams
 from .prefix_cache import PrefixCacheStore
 
@@ -331,6 +332,7 @@ class GenerationWorker:
             too_big = memory.fit_warning(self.model)
             if too_big:
                 log.warning(too_big)
+            read_weights_now(self.model)
         except BaseException as e:  # noqa: BLE001 - handed to start()
             self._load_error = e
             self._ready.set()
@@ -460,7 +462,7 @@ def load_model_fn(folder: Path) -> Callable[[], object]:
     def load():
         from ..loading import load_model
 
-        model, _ = load_model(folder)
+        model, _ = load_model(folder, lazy=True)  # the worker reads it after the fit check
         return model
 
     return load
