@@ -42,7 +42,7 @@ def parse_size(text: str) -> int:
 
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("src", help="Hugging Face model folder, hub repo id (org/name) or .gguf file")
-    parser.add_argument("-o", "--out", required=True, help="output folder (must not exist, see --force)")
+    parser.add_argument("-o", "--out", required=True, help="output folder (must not exist or be empty; see --force)")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
                         help="dtype of unquantized tensors (default: the source's)")
     parser.add_argument("-q", "--quantize", action="store_true",
