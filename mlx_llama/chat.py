@@ -24,7 +24,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from mlx_llama.errors import MlxLlamaError
+from mlx_llama.errors import MlxLlamaError, one_line
 
 __all__ = [
     "Message",
@@ -116,12 +116,12 @@ def render_chat_template(
         )
     except jinja2.TemplateError as exc:
         # raise_exception() in a template reports a user mistake (e.g. roles not alternating).
-        raise MlxLlamaError(f"The chat template rejected the messages: {_one_line(exc)}") from None
+        raise MlxLlamaError(f"The chat template rejected the messages: {one_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - a template is code; its Python errors come from
         # the messages it was given (a number where it adds strings, a missing key, ...)
         raise MlxLlamaError(
             f"The chat template failed on these messages ({type(exc).__name__}: "
-            f"{_one_line(exc)}); check the messages' fields (types of content, tool_calls)"
+            f"{one_line(exc)}); check the messages' fields (types of content, tool_calls)"
         ) from None
 
 
@@ -274,10 +274,6 @@ def _compile(template: str) -> jinja2.Template:
         return _environment().from_string(template)
     except jinja2.TemplateSyntaxError as exc:
         raise MlxLlamaError(
-            f"The model's chat template is not valid Jinja (line {exc.lineno}: {_one_line(exc)}); "
+            f"The model's chat template is not valid Jinja (line {exc.lineno}: {one_line(exc)}); "
             "fix chat_template in tokenizer_config.json or chat_template.jinja"
         ) from None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -9,3 +9,8 @@ escapes is a bug in mlx-llama and keeps its traceback.
 
 class MlxLlamaError(Exception):
     """A user-facing error: the message is one line that says what is wrong and what to do."""
+
+
+def one_line(exc: BaseException) -> str:
+    """A library's exception text folded onto one line, to quote inside an MlxLlamaError."""
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -23,10 +23,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from mlx_llama.chat import Message, apply_chat_template as _render_chat
-from mlx_llama.errors import MlxLlamaError
+from mlx_llama.errors import MlxLlamaError, one_line
+from mlx_llama.tokenizer_backends import Backend, SentencePieceBackend, TokenizersBackend
 
 __all__ = ["Tokenizer", "StreamingDetokenizer", "load_tokenizer", "END_OF_TURN_MARKERS"]
 
@@ -36,178 +37,6 @@ __all__ = ["Tokenizer", "StreamingDetokenizer", "load_tokenizer", "END_OF_TURN_M
 END_OF_TURN_MARKERS = ("<|eot_id|>", "<|im_end|>", "<|end|>")
 
 _REPLACEMENT_CHAR = "\ufffd"
-
-
-# --------------------------------------------------------------------------------------------
-# Backends: the raw libraries behind one small surface.
-# --------------------------------------------------------------------------------------------
-
-
-class _Backend(Protocol):
-    """What `Tokenizer` needs from a tokenizer library; the policy lives in `Tokenizer`."""
-
-    name: str
-    special_ids: frozenset[int]  # ids `decode` leaves out
-    vocab_size: int
-    byte_level: bool  # pieces spell bytes, one character each (GPT-2's alphabet)
-
-    def encode(self, text: str) -> list[int]: ...  # no BOS/EOS added
-    def decode(self, ids: Sequence[int]) -> str: ...  # special ids skipped
-    def token_to_id(self, token: str) -> int | None: ...
-    def id_to_token(self, token_id: int) -> str | None: ...
-    def added_prefix_ids(self) -> list[int]: ...  # what the library itself would prepend
-    def default_bos_id(self) -> int | None: ...
-    def default_eos_id(self) -> int | None: ...
-
-
-class _TokenizersBackend:
-    """A Hugging Face `tokenizers` tokenizer.json.
-
-    The library already splits out added tokens and knows its decoder; we only switch off its
-    post-processor (the BOS/EOS template) because `Tokenizer` applies the BOS policy itself.
-    """
-
-    name = "tokenizers"
-
-    def __init__(self, path: Path) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        try:
-            self._tok = HFTokenizer.from_file(str(path))
-        except Exception as exc:  # the library raises bare Exceptions for bad JSON
-            raise MlxLlamaError(
-                f"Could not read {path}: {_one_line(exc)}; re-download or re-convert the model"
-            ) from None
-        added = self._tok.get_added_tokens_decoder()
-        self.special_ids = frozenset(i for i, t in added.items() if t.special)
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        # GPT-2 style byte-level vocabulary (a character per byte)? The decoder says so; its
-        # own JSON state is tiny, unlike the whole tokenizer's.
-        decoder = self._tok.decoder
-        self.byte_level = decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([i for i in ids if i >= 0], skip_special_tokens=True)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
-
-    def id_to_token(self, token_id: int) -> str | None:
-        return self._tok.id_to_token(token_id)
-
-    def added_prefix_ids(self) -> list[int]:
-        """Ids the post-processor puts in front of a sequence (Llama 3: `<|begin_of_text|>`).
-
-        Found by encoding one character with and without special tokens rather than by parsing
-        the post-processor JSON, so every processor type the library supports is covered.
-        """
-        plain = self._tok.encode("a", add_special_tokens=False).ids
-        full = self._tok.encode("a", add_special_tokens=True).ids
-        for start in range(len(full) - len(plain) + 1):
-            if full[start : start + len(plain)] == plain:
-                return full[:start]
-        return []
-
-    def default_bos_id(self) -> int | None:
-        return None
-
-    def default_eos_id(self) -> int | None:
-        return None
-
-
-class _SentencePieceBackend:
-    """A SentencePiece `tokenizer.model`, with Hugging Face's added-token handling on top.
-
-    SentencePiece itself does not recognise control tokens such as `<s>` or Mistral's `[INST]`
-    inside text, but chat templates write them as text, so we split the text on those strings
-    first and encode the pieces between them separately. Each piece gets SentencePiece's usual
-    dummy-prefix space, which is what Hugging Face's "legacy" Llama tokenizer and Meta's own
-    reference code produce for `<s>[INST] ...`.
-    """
-
-    name = "sentencepiece"
-    byte_level = False  # pieces are text ("▁the"), bytes only as <0xNN> byte-fallback pieces
-
-    def __init__(self, path: Path, added_tokens: Mapping[str, tuple[int, bool]]) -> None:
-        import sentencepiece as spm
-
-        self._sp = spm.SentencePieceProcessor()
-        try:
-            self._sp.load(str(path))
-        except Exception as exc:
-            raise MlxLlamaError(
-                f"Could not read {path}: {_one_line(exc)}; re-download or re-convert the model"
-            ) from None
-        sp = self._sp
-        self._n_pieces = sp.get_piece_size()
-        # Strings to split on: control pieces (<s>, </s>, [INST] ...), the unknown piece, and
-        # every added token from tokenizer_config.json.
-        self._split_ids: dict[str, int] = {}
-        special: set[int] = set()
-        for i in range(self._n_pieces):
-            if sp.is_control(i):
-                self._split_ids[sp.id_to_piece(i)] = i
-                special.add(i)
-            elif sp.is_unknown(i):
-                self._split_ids[sp.id_to_piece(i)] = i
-        self._extra_pieces: dict[int, str] = {}
-        for content, (token_id, is_special) in added_tokens.items():
-            self._split_ids[content] = token_id
-            if token_id >= self._n_pieces:
-                # Beyond the SentencePiece vocab (e.g. a <pad> appended by a fine-tune): only
-                # control tokens live there in practice, so they are never printed.
-                self._extra_pieces[token_id] = content
-                special.add(token_id)
-            elif is_special and not sp.is_unknown(token_id):
-                special.add(token_id)
-        # The unknown piece stays visible (" ⁇ "), as SentencePiece decodes it: it tells the
-        # reader that something was lost.
-        self.special_ids = frozenset(special)
-        self.vocab_size = max([self._n_pieces, *(i + 1 for i in self._extra_pieces)])
-        names = sorted(self._split_ids, key=len, reverse=True)
-        self._split_re = re.compile("|".join(re.escape(n) for n in names)) if names else None
-
-    def encode(self, text: str) -> list[int]:
-        sp = self._sp
-        if self._split_re is None or self._split_re.search(text) is None:
-            return sp.encode(text)
-        ids: list[int] = []
-        pos = 0
-        for match in self._split_re.finditer(text):
-            if match.start() > pos:
-                ids.extend(sp.encode(text[pos : match.start()]))
-            ids.append(self._split_ids[match.group()])
-            pos = match.end()
-        if pos < len(text):
-            ids.extend(sp.encode(text[pos:]))
-        return ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        n, skip = self._n_pieces, self.special_ids
-        return self._sp.decode([i for i in ids if 0 <= i < n and i not in skip])
-
-    def token_to_id(self, token: str) -> int | None:
-        if token in self._split_ids:
-            return self._split_ids[token]
-        token_id = self._sp.piece_to_id(token)
-        return token_id if self._sp.id_to_piece(token_id) == token else None
-
-    def id_to_token(self, token_id: int) -> str | None:
-        if 0 <= token_id < self._n_pieces:
-            return self._sp.id_to_piece(token_id)
-        return self._extra_pieces.get(token_id)
-
-    def added_prefix_ids(self) -> list[int]:
-        return []
-
-    def default_bos_id(self) -> int | None:
-        return self._sp.bos_id() if self._sp.bos_id() >= 0 else None
-
-    def default_eos_id(self) -> int | None:
-        return self._sp.eos_id() if self._sp.eos_id() >= 0 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,7 +122,7 @@ class Tokenizer:
 
     def __init__(
         self,
-        backend: _Backend,
+        backend: Backend,
         *,
         bos_token_id: int | None,
         add_bos_token: bool,
@@ -422,11 +251,11 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     model_config = _read_json(folder / "config.json")
     gen_config = _read_json(folder / "generation_config.json")
 
-    backend: _Backend
+    backend: Backend
     if (folder / "tokenizer.json").is_file():
-        backend = _TokenizersBackend(folder / "tokenizer.json")
+        backend = TokenizersBackend(folder / "tokenizer.json")
     elif (folder / "tokenizer.model").is_file():
-        backend = _SentencePieceBackend(folder / "tokenizer.model", _added_tokens(tok_config))
+        backend = SentencePieceBackend(folder / "tokenizer.model", _added_tokens(tok_config))
     else:
         raise MlxLlamaError(
             f"No tokenizer in {folder}: expected tokenizer.json or tokenizer.model; copy them from "
@@ -450,7 +279,7 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
 
 
 def _resolve_bos(
-    backend: _Backend,
+    backend: Backend,
     special_tokens: dict[str, Any],
     tok_config: Mapping[str, Any],
     model_config: Mapping[str, Any],
@@ -474,7 +303,7 @@ def _resolve_bos(
         bos_id = backend.default_bos_id()
     if isinstance(tok_config.get("add_bos_token"), bool):
         add_bos = tok_config["add_bos_token"]
-    elif isinstance(backend, _TokenizersBackend):
+    elif isinstance(backend, TokenizersBackend):
         add_bos = bool(prefix)
     else:
         add_bos = True
@@ -486,7 +315,7 @@ def _resolve_bos(
 
 
 def _resolve_eos(
-    backend: _Backend,
+    backend: Backend,
     special_tokens: dict[str, Any],
     model_config: Mapping[str, Any],
     gen_config: Mapping[str, Any],
@@ -549,7 +378,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MlxLlamaError(f"Could not read {path}: {_one_line(exc)}; fix or re-download the file") from None
+        raise MlxLlamaError(f"Could not read {path}: {one_line(exc)}; fix or re-download the file") from None
     if not isinstance(data, dict):
         raise MlxLlamaError(f"{path} is not a JSON object; fix or re-download the file")
     return data
@@ -622,7 +451,7 @@ def _find_chat_templates(folder: Path, tok_config: Mapping[str, Any]) -> tuple[s
     return default, templates
 
 
-def _id_of(backend: _Backend, token: str | None) -> int | None:
+def _id_of(backend: Backend, token: str | None) -> int | None:
     return None if token is None else backend.token_to_id(token)
 
 
@@ -643,7 +472,3 @@ def _first_int(*values: Any) -> int | None:
         if ints:
             return ints[0]
     return None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
