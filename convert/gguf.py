@@ -82,12 +82,29 @@ def unpermute_rows(rows: mx.array, n_heads: int) -> mx.array:
     return grid.swapaxes(1, 2).reshape(shape)
 
 
+def _check_vocabulary(md: dict, vocab_size: int, name: str) -> None:
+    """Every token and special id must have an embedding row: ids past the table would read
+    outside it (non-finite logits, or a crash of the whole process)."""
+    tokens = md.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens) > vocab_size:
+        raise MlxLlamaError(f"{name} is inconsistent: its vocabulary has {len(tokens)} tokens but "
+                            f"token_embd.weight has {vocab_size} rows; re-create the file")
+    for key in ("bos_token_id", "eos_token_id"):
+        value = md.get(f"tokenizer.ggml.{key}")
+        if value is not None and not 0 <= int(value) < vocab_size:
+            raise MlxLlamaError(f"{name} is inconsistent: tokenizer.ggml.{key} is {value}, "
+                                f"outside its {vocab_size}-token vocabulary; re-create the file")
+
+
 def read_gguf(path: str | Path) -> SourceModel:
     """Read a Llama GGUF file into Hugging Face names, config and tokenizer files, losslessly."""
     path = Path(path)
     header = read_header(path)
     md = header.metadata
     arch = md.get("general.architecture")
+    if arch is None:
+        raise MlxLlamaError(f"{path.name} has no general.architecture: it is not a model GGUF "
+                            "(or is damaged); download or re-create it")
     if arch != ARCH:
         raise MlxLlamaError(
             f"{path.name} is a '{arch}' GGUF; only Llama-architecture GGUF files "
@@ -97,10 +114,12 @@ def read_gguf(path: str | Path) -> SourceModel:
     modules = _module_names(header, path.name)
     arrays = _load_arrays(path)
     rope_freqs = np.array(arrays[ROPE_FREQS]) if ROPE_FREQS in header.tensors else None
+    vocab_size = header.tensors["token_embd.weight"].shape[0]
+    _check_vocabulary(md, vocab_size, path.name)
     config = build_config(
         md,
         path.name,
-        vocab_size=header.tensors["token_embd.weight"].shape[0],
+        vocab_size=vocab_size,
         tied="output.weight" not in header.tensors,
         attention_bias=any(m.endswith("q_proj") and k == "bias" for m, k in modules.values()),
         torch_dtype=_torch_dtype(header),

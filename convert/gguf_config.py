@@ -53,7 +53,8 @@ def build_config(
     key = lambda k: f"{ARCH}.{k}"  # noqa: E731
     hidden = int(_require(md, key("embedding_length"), name))
     heads = int(_require(md, key("attention.head_count"), name))
-    kv_heads = int(md.get(key("attention.head_count_kv"), heads))
+    kv_heads = int(_require(md, key("attention.head_count_kv"), name)
+                   if key("attention.head_count_kv") in md else heads)
     head_dim = int(
         md.get(key("attention.key_length"), md.get(key("rope.dimension_count"), hidden // heads))
     )

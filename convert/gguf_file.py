@@ -206,11 +206,35 @@ def _parse(buf: mmap.mmap, name: str) -> GGUFHeader:
         ndim = cur.take("I")
         ne = [cur.take("Q") for _ in range(ndim)]
         type_id, offset = cur.take("I"), cur.take("Q")
+        if tname in tensors:
+            raise _corrupt(name, f"the tensor {tname} is listed twice")
         tensors[tname] = TensorInfo(tname, tuple(reversed(ne)), type_id, offset)
-    alignment = int(metadata.get("general.alignment", 32))
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise _corrupt(name, f"general.alignment is {alignment!r}, not a power of two")
     data_offset = -(-cur.pos // alignment) * alignment
+    _check_layout(tensors.values(), alignment, name)
     _check_length(tensors, data_offset, len(buf), name)
     return GGUFHeader(version, metadata, tensors, data_offset)
+
+
+def _corrupt(name: str, what: str) -> MlxLlamaError:
+    return MlxLlamaError(f"{name} is corrupt ({what}); download or re-create it")
+
+
+def _check_layout(tensors, alignment: int, name: str) -> None:
+    """Tensors follow each other in directory order, each padded to the alignment, as
+    llama.cpp writes and requires: an offset that points anywhere else (at another tensor's
+    data, say) would import the wrong weights without a sign. Stops at a type whose size is
+    unknown (the converter names that type in its own error)."""
+    expected = 0
+    for t in tensors:
+        if t.type_id not in GGML_TYPES:
+            return
+        if t.offset != expected:
+            raise _corrupt(name, f"the tensor {t.name} starts at data offset {t.offset}, where "
+                                 f"the tensors before it end at {expected}")
+        expected += -(-t.nbytes // alignment) * alignment
 
 
 def _check_length(tensors: dict[str, TensorInfo], data_offset: int, size: int, name: str) -> None:

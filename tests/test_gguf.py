@@ -496,6 +496,53 @@ def test_non_llama_architecture_is_refused(tmp_path, llama_sp_model):
         read_gguf(path)
 
 
+def offset_field(data: bytes, tensor: str) -> int:
+    """Where a tensor's data offset (u64) sits in the directory: after its name, rank, dims
+    and type."""
+    name = tensor.encode()
+    at = data.index(len(name).to_bytes(8, "little") + name) + 8 + len(name)
+    ndim = int.from_bytes(data[at : at + 4], "little")
+    return at + 4 + 8 * ndim + 4
+
+
+@pytest.mark.parametrize("tensor, other", [("blk.0.attn_q.weight", "blk.0.attn_k.weight"),
+                                           ("blk.1.ffn_up.weight", "blk.1.ffn_gate.weight")])
+def test_a_tensor_offset_pointing_at_other_data_is_refused(tmp_path, tiny_gguf, tensor, other):
+    """Offsets that stay inside the file but point at another tensor's bytes once imported
+    the wrong weights without a word; llama.cpp refuses such files, so do we."""
+    data = bytearray(tiny_gguf.read_bytes())
+    where, source = offset_field(data, tensor), offset_field(data, other)
+    data[where : where + 8] = data[source : source + 8]
+    path = tmp_path / "moved.gguf"
+    path.write_bytes(bytes(data))
+    with pytest.raises(MlxLlamaError, match=f"corrupt .*{tensor}"):
+        read_gguf(path)
+
+
+def spm_vocab_writer(sp_model_file: Path, bos: int = 1, rows: int = 0):
+    """write_spm_vocab with another BOS id, or an embedding of `rows` rows fewer than tokens."""
+    def write(writer: GGUFWriter) -> int:
+        tokens, scores, token_types = spm_vocab(sp_model_file)
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(token_types)
+        writer.add_bos_token_id(bos)
+        writer.add_eos_token_id(2)
+        return len(tokens) - rows
+    return write
+
+
+@pytest.mark.parametrize("options, match", [(dict(bos=5000), "bos_token_id is 5000"),
+                                            (dict(rows=20), "has 580 rows")])
+def test_ids_past_the_embedding_table_are_refused(tmp_path, llama_sp_model, options, match):
+    """A BOS id past the table crashed the converter's check (a segfault, a temp folder left
+    behind); tokens past it gave non-finite logits."""
+    path = write_tiny_gguf(tmp_path / "bad.gguf", spm_vocab_writer(llama_sp_model, **options))
+    with pytest.raises(MlxLlamaError, match=f"inconsistent.*{match}"):
+        read_gguf(path)
+
+
 @pytest.mark.parametrize("keep", [0.02, 0.5, 0.999])
 def test_truncated_file_is_refused(tmp_path, tiny_gguf, keep):
     data = tiny_gguf.read_bytes()
