@@ -350,7 +350,9 @@ def verify_folder(folder: Path) -> None:
     quantized = "quantization" in read_config(folder)
     try:
         model, _ = load_model(folder, compute_dtype="auto" if quantized else None, lazy=True)
-        h = model.model.embed_tokens(mx.array([[model.config.bos_token_id or 0]]))
+        bos = model.config.bos_token_id
+        token = bos if bos is not None and 0 <= bos < model.config.vocab_size else 0
+        h = model.model.embed_tokens(mx.array([[token]]))  # (an id past the table would crash)
         mx.eval(h)
         if not model.config.tie_word_embeddings:
             model.model.embed_tokens = None  # the head is a separate matrix: free this one

@@ -173,6 +173,7 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
     """
     out = Path(os.path.abspath(out))
     check_destination(out, force)
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # -o new/dirs/out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir()
@@ -181,6 +182,11 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
         commit(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # innermost first; only the ones this call made, if still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
 
 

@@ -181,6 +181,20 @@ def test_unexpected_exception_during_verification(src, old_out, tmp_path, capsys
     assert_clean_failure(code, lines, tmp_path, old_out, before, "simulated bug")
 
 
+def test_a_failed_conversion_removes_the_folders_it_made_for_the_output(src, tmp_path, capsys,
+                                                                       monkeypatch):
+    import convert.api
+
+    def broken(folder):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(convert.api, "verify_folder", broken)
+    (tmp_path / "kept").mkdir()
+    code, lines = run_cli([src, "-o", tmp_path / "kept" / "new" / "deeper" / "out"], capsys)
+    assert code == 1 and "simulated bug" in lines[0]
+    assert list((tmp_path / "kept").iterdir()) == []  # "kept" was there before: it stays
+
+
 def test_failed_rename_restores_the_old_folder(src, old_out, tmp_path, monkeypatch):
     """If the final rename fails after the old folder was moved aside, it is moved back."""
     real_rename = os.rename
