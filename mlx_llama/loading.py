@@ -172,6 +172,7 @@ def load_model(
             f"weights in {folder} do not fit its config.json ({str(e).splitlines()[0]}); "
             "re-convert the model"
         ) from None
+    del weights  # the model holds them now; a cast below must not keep the stored copy alive
     auto = compute_dtype == "auto"
     stored = storage_dtype(model)
     if auto:
@@ -200,7 +201,11 @@ def load_model(
 
 def read_weights_now(model: nn.Module) -> None:
     """Evaluate a lazily loaded model's weights (and their row shards) on this thread, after
-    which any thread can run it."""
+    which any thread can run it. Layer by layer, so that a cast (bfloat16 weights computed in
+    float32) holds one layer's stored copy at a time, not the whole model's."""
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    for layer in layers:
+        mx.eval(layer.parameters(), shard_arrays(layer))
     mx.eval(model.parameters(), shard_arrays(model))
 
 

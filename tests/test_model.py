@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 import pytest
 
 from conftest import TINY_VARIANTS
@@ -57,3 +58,21 @@ def test_kv_heads_are_not_repeated(tiny_checkpoints):
     keys, values = cache[0].state
     assert keys.shape == (1, model.config.num_key_value_heads, SEQ, model.config.head_dim)
     assert values.shape == keys.shape
+
+
+def test_loading_a_bfloat16_checkpoint_to_compute_in_float32_holds_one_stored_copy_at_a_time(
+        tmp_path, sp_model_file):
+    """Reading the weights at load casts them; the stored bfloat16 copy of the whole model
+    used to stay alive until the load returned (peak = float32 + bfloat16 model)."""
+    from conftest import make_hf_checkpoint
+
+    folder = make_hf_checkpoint(tmp_path / "bf16", sp_model_file, dtype="bfloat16",
+                                num_hidden_layers=8, hidden_size=256, intermediate_size=512)
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    model, _ = load_model(folder, compute_dtype=mx.float32)
+    resident = mx.get_active_memory() - base
+    peak = mx.get_peak_memory() - base
+    layer_bf16 = sum(v.nbytes for _, v in tree_flatten(model.model.layers[0].parameters())) / 2
+    assert resident > 0 and peak < resident + 3 * layer_bf16, (peak, resident, layer_bf16)
