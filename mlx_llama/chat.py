@@ -38,6 +38,10 @@ Message = Mapping[str, Any]
 """One chat message: {"role": str, "content": str}, plus any extra keys a template reads."""
 
 
+# Roles whose content may be a JSON object (a tool's result) instead of text.
+TOOL_RESULT_ROLES = frozenset({"tool", "ipython"})
+
+
 def validate_messages(messages: Any) -> list[dict[str, Any]]:
     """Check that `messages` is a non-empty list of {"role": str, "content": str} dicts.
 
@@ -65,6 +69,10 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
             raise MlxLlamaError(f"{where} ({role}) has no 'content'; {shape}")
         elif isinstance(content, (list, tuple)):
             message["content"] = _joined_text_parts(content, f"{where} ({role})", shape)
+        elif isinstance(content, Mapping) and role in TOOL_RESULT_ROLES:
+            # A tool's result as a JSON object: Llama 3.1's template writes it with `tojson`,
+            # and transformers passes it through the same way.
+            message["content"] = dict(content)
         elif not isinstance(content, str):
             raise MlxLlamaError(
                 f"{where} ({role}) has 'content' of {type(content).__name__}, not str; {shape}"

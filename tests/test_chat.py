@@ -269,3 +269,22 @@ def test_text_content_parts_are_joined_as_the_server_joins_them():
     image = [{"type": "image_url", "image_url": {"url": "x"}}]
     with pytest.raises(MlxLlamaError, match="image_url"):
         validate_messages([{"role": "user", "content": image}])
+
+
+def test_a_tool_result_may_be_a_json_object_as_in_transformers(llama3_dir):
+    # Llama 3.1's template: a tool message's mapping content is written with tojson.
+    template = ("{% for m in messages %}<{{ m.role }}>"
+                "{% if m.role in ['tool', 'ipython'] and m.content is mapping %}{{ m.content | tojson }}"
+                "{% else %}{{ m.content }}{% endif %}{% endfor %}")
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None,
+                 "tool_calls": [{"type": "function",
+                                 "function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+                {"role": "tool", "content": {"temperature": 21, "sky": "clear"}}]
+    got = load_tokenizer(llama3_dir).apply_chat_template(messages, chat_template=template)
+    expected = _reference(llama3_dir).apply_chat_template(
+        messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+    assert got == expected
+    assert '<tool>{"temperature": 21, "sky": "clear"}' in got
+    with pytest.raises(MlxLlamaError, match="dict"):  # a user's text must still be text
+        validate_messages([{"role": "user", "content": {"text": "hi"}}])
