@@ -223,11 +223,15 @@ def load_prompt_cache(path: str | Path, model: nn.Module) -> PromptCache:
     """A `PromptCache` holding the saved prompt, ready for `stream_generate(..., cache=...)`.
 
     Refuses (MlxLlamaError) a file made by another model or one that is damaged. Floating
-    arrays are cast to the model's compute dtype.
+    arrays are cast to the dtype the model keeps its KV cache in (on the CPU backend a
+    bfloat16 model computes in float32 but caches in bfloat16), so a loaded cache holds what
+    the same run without the file would hold.
     """
     path = Path(path)
     arrays, meta = read_file(path)
-    saved_model = meta["model"] or {}
+    saved_model, prompt = meta["model"] or {}, meta["prompt"]
+    if not isinstance(saved_model, dict) or not isinstance(prompt, (dict, type(None))):
+        raise _refuse(path, "has damaged metadata")
     if saved_model.get("fingerprint") != model_fingerprint(model):
         made_for = f" '{saved_model['name']}'" if saved_model.get("name") else ""
         raise _refuse(path, f"was made for another model{made_for} (its weights or config differ "
@@ -239,7 +243,7 @@ def load_prompt_cache(path: str | Path, model: nn.Module) -> PromptCache:
         per_layer = spec["layers"]
         if len(per_layer) != len(cache.layers):
             raise ValueError(f"{len(per_layer)} layers saved, the model has {len(cache.layers)}")
-        dtype = _compute_dtype(model)
+        dtype = _cache_dtype(model)
         for i, (layer, layer_meta) in enumerate(zip(cache.layers, per_layer)):
             count = sum(1 for k in arrays if k.startswith(f"layers.{i}."))
             state = [_cast(arrays[f"layers.{i}.{j}"], dtype) for j in range(count)]
@@ -248,18 +252,18 @@ def load_prompt_cache(path: str | Path, model: nn.Module) -> PromptCache:
         tokens = arrays["tokens"].tolist()
         if cache.layers[0].offset != len(tokens):
             raise ValueError(f"{len(tokens)} tokens saved but the cache holds {cache.layers[0].offset}")
+        cache.saved_prompt = SavedPrompt(**prompt) if prompt else None
     except MlxLlamaError as e:
         raise _refuse(path, f"has unusable cache options ({e})") from None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise _refuse(path, f"has an inconsistent structure ({e})") from None
     cache.tokens = tokens
-    prompt = meta["prompt"]
-    cache.saved_prompt = SavedPrompt(**prompt) if prompt else None
     return cache
 
 
-def _compute_dtype(model: nn.Module) -> mx.Dtype:
-    return model.model.norm.weight.dtype
+def _cache_dtype(model: nn.Module) -> mx.Dtype:
+    """The dtype the attention layers store keys and values in (None there: the activations')."""
+    return model.model.layers[0].self_attn.kv_dtype or model.model.norm.weight.dtype
 
 
 def _cast(a: mx.array, dtype: mx.Dtype) -> mx.array:

@@ -332,3 +332,41 @@ def test_no_chat_template_cannot_continue_a_chat_prompt(folders, tmp_path):
     assert continue_prompt(cache, MORE, None)[1] is True
     with pytest.raises(MlxLlamaError, match="saved with the chat template: drop --no-chat-template"):
         continue_prompt(cache, MORE, False)
+
+
+@pytest.mark.parametrize("kind,options", [("rotating", {"max_size": 16}),
+                                          ("quantized", {"bits": 8, "group_size": 32})])
+def test_a_loaded_cache_keeps_the_dtype_the_model_caches_in(folders, tmp_path, kind, options):
+    """A bfloat16 model on the CPU backend computes in float32 and caches in bfloat16: the
+    loaded cache must hold bfloat16 too (it was cast to float32: twice the memory, and a
+    rotating or quantized cache never went back)."""
+    model, tok = load(folders["bf16"])
+    kv_dtype = model.model.layers[0].self_attn.kv_dtype or model.model.norm.weight.dtype
+    saved = pc.SavedPrompt(PREFIX)
+    cache = pc.cache_prompt(model, tok, saved, kind, chunk=7, **options)
+    path = pc.save_prompt_cache(tmp_path / "p.safetensors", cache, model, saved_prompt=saved)
+    loaded = pc.load_prompt_cache(path, model)
+    for a, b in zip(loaded.layers, cache.layers):
+        for x, y in zip(a.state, b.state):
+            assert x.dtype == y.dtype
+            if mx.issubdtype(x.dtype, mx.floating):
+                assert x.dtype == kv_dtype
+            np.testing.assert_array_equal(np.array(x.astype(mx.float32) if x.dtype == mx.bfloat16 else x),
+                                          np.array(y.astype(mx.float32) if y.dtype == mx.bfloat16 else y))
+    full = saved.continued(MORE)
+    assert greedy(model, tok, full, loaded)[0] == greedy(model, tok, full, cache)[0]
+    assert loaded.nbytes == cache.nbytes
+
+
+@pytest.mark.parametrize("field,value", [("prompt", {"uext": "x"}), ("prompt", "hello"),
+                                         ("model", "7c44"), ("cache", [1])])
+def test_metadata_of_the_wrong_shape_is_refused_in_one_line(tiny, good_file, tmp_path, field, value):
+    """The checksum covers the arrays, not the header: a header edited into valid JSON of the
+    wrong shape raised TypeError / AttributeError (a traceback in the CLI)."""
+    model, _ = tiny
+    arrays, raw = mx.load(str(good_file), return_metadata=True)
+    raw[field] = json.dumps(value)
+    mx.save_safetensors(str(tmp_path / "edited.safetensors"), arrays, metadata=raw)
+    with pytest.raises(MlxLlamaError, match="damaged metadata|inconsistent structure") as e:
+        pc.load_prompt_cache(tmp_path / "edited.safetensors", model)
+    assert "\n" not in str(e.value)
