@@ -71,6 +71,13 @@ class LayerCache:
         """Give back unused capacity before the cache is kept for later (kinds that grow in
         blocks override this)."""
 
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes its buffers hold, unused capacity included (what dropping it frees)."""
+        held = _buffer_bytes(getattr(self, "keys", None)) + _buffer_bytes(
+            getattr(self, "values", None)) + _buffer_bytes(getattr(self, "key_tail", None))
+        return max(held, self.nbytes)
+
 
 class KVCache(LayerCache):
     kind = "default"
@@ -131,6 +138,12 @@ class KVCache(LayerCache):
         self.keys, self.values = arrays
         self.offset = int(meta["offset"])
         _check_restored(self.keys, self.offset)
+
+
+def _buffer_bytes(x: Any) -> int:
+    if isinstance(x, (tuple, list)):  # quantized caches hold (packed, scales, biases)
+        return sum(_buffer_bytes(a) for a in x)
+    return x.nbytes if x is not None else 0
 
 
 def _check_restored(keys: mx.array, offset: int) -> None:
@@ -235,6 +248,16 @@ class QuantizedKVCache(LayerCache):
         self.keys = tuple(grown(o, (batch, heads, dim, capacity // p), t, self.grouped // p,
                                 axis=-1)
                           for o, p, t in zip(old_k, per, dtypes))
+
+    def shrink(self) -> None:
+        if self._plain is not None:  # before `start`: a plain cache growing in blocks
+            self._plain.shrink()
+
+    @property
+    def allocated_nbytes(self) -> int:
+        if self._plain is not None:
+            return self._plain.allocated_nbytes
+        return super().allocated_nbytes
 
     def _quantize_plain(self) -> None:
         plain, self._plain = self._plain, None

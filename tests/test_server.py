@@ -983,3 +983,27 @@ print("ok")
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                 timeout=120, env={**os.environ, "MLX_LLAMA_CPU_STREAMS": "2"})
         assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_prefix_store_counts_a_quantized_cache_still_in_full_precision():
+    """Before `quantized_kv_start` a quantized cache holds a plain block-growing cache: it was
+    budgeted by the tokens held (not its 256-token blocks) and never gave the blocks back."""
+    import mlx.core as mx
+
+    from mlx_llama.cache import QuantizedKVCache
+
+    def make():
+        return [QuantizedKVCache(bits=8, group_size=32, start=512) for _ in range(2)]
+
+    cache = PromptCache(make)
+    for layer in cache.layers:
+        keys = mx.random.normal((1, 2, 20, 32))
+        layer.update_and_fetch(keys, keys)
+    cache.tokens = list(range(20))
+    assert cache.layers[0]._plain.keys.shape[2] == 256  # still one plain block
+    block_bytes = allocated_bytes(cache)
+    assert block_bytes == sum(2 * layer._plain.keys.nbytes for layer in cache.layers)
+    assert block_bytes > 4 * cache.nbytes
+    store = PrefixCacheStore(make, budget_bytes=10 * block_bytes)
+    store.checkin(cache, 20)  # given back on the way in
+    assert allocated_bytes(cache) == cache.nbytes == store.nbytes

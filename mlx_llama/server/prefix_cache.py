@@ -37,20 +37,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _buffer_bytes(x) -> int:
-    if isinstance(x, (tuple, list)):  # quantized caches hold (packed, scales, biases)
-        return sum(_buffer_bytes(a) for a in x)
-    return getattr(x, "nbytes", 0) if x is not None else 0
-
-
 def allocated_bytes(cache: PromptCache) -> int:
     """Bytes the cache's buffers hold, capacity included (what eviction actually frees)."""
-    total = 0
-    for layer in cache.layers:
-        held = _buffer_bytes(getattr(layer, "keys", None)) + _buffer_bytes(
-            getattr(layer, "values", None))
-        total += max(held, layer.nbytes)
-    return total
+    return sum(layer.allocated_nbytes for layer in cache.layers)
 
 
 def fork(cache: PromptCache, n: int) -> PromptCache:
