@@ -14,7 +14,8 @@ import sys
 
 from .conversation import Conversation
 from .errors import MlxLlamaError
-from .generate import attends_within_context, context_length, stream_generate
+from .generate import (attends_within_context, check_max_tokens, context_length,
+                       stream_generate)
 
 HELP = "commands: /reset clears the conversation, /quit leaves, /help shows this"
 
@@ -23,15 +24,40 @@ def run_repl(args: argparse.Namespace) -> int:
     from .cache_options import cache_factory
     from .cli import load_checked, resolve_model, sampling_params
 
+    params = sampling_params(args).validate()  # a bad flag fails now, not at every turn
+    check_max_tokens(args.max_tokens)
     model, tokenizer = load_checked(resolve_model(args.model))
-    params = sampling_params(args)
+    params.validate(model.config.vocab_size)
     chat = Conversation(model, tokenizer, args.system, make_layers=cache_factory(args, model))
+    check_system_fits(chat, model, args.max_tokens)
     try:  # the banner is inside: a Ctrl-C that lands just after it is still "at the prompt"
         print(f"chatting with {args.model or 'the bundled SmolLM2'}; {HELP}", file=sys.stderr)
         converse(chat, model, tokenizer, params, args)
     except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: leave quietly
         print(file=sys.stderr)
     return 0
+
+
+def reply_reserve(max_tokens: int, limit: int) -> int:
+    """Tokens kept free for the reply when old turns are dropped: the reply's own limit, but
+    never more than a quarter of the context (-1, no limit, also gets the quarter)."""
+    return limit // 4 if max_tokens == -1 else min(max_tokens, limit // 4)
+
+
+def check_system_fits(chat: Conversation, model, max_tokens: int) -> None:
+    """A system message that leaves no room for a user message and a reply would fail every
+    turn (the system message is never dropped): say so once, before the chat starts."""
+    limit = context_length(model)
+    if not chat.system or attends_within_context(chat.cache, limit):
+        return
+    budget = limit - reply_reserve(max_tokens, limit)
+    used = len(chat.tokenizer.apply_chat_template(chat.messages + [{"role": "user", "content": ""}],
+                                                  add_generation_prompt=True, tokenize=True))
+    if used >= budget:
+        raise MlxLlamaError(
+            f"the system message takes {used} of the {budget} tokens a prompt may have (the "
+            f"model's context is {limit}, {limit - budget} kept for the reply): shorten it"
+        )
 
 
 def converse(chat: Conversation, model, tokenizer, params, args: argparse.Namespace) -> None:
@@ -62,7 +88,7 @@ def converse(chat: Conversation, model, tokenizer, params, args: argparse.Namesp
             prompt = chat.add_user(text)
             limit = context_length(model)
             if not attends_within_context(chat.cache, limit):  # a window slides on its own
-                prompt, dropped = chat.fit(prompt, limit - min(args.max_tokens, limit // 4))
+                prompt, dropped = chat.fit(prompt, limit - reply_reserve(args.max_tokens, limit))
                 if dropped:
                     print(f"[the conversation outgrew the context: the {dropped} earliest "
                           "messages were dropped]", file=err)

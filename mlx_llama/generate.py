@@ -221,6 +221,14 @@ def attends_within_context(cache: PromptCache | None, limit: int) -> bool:
     return bool(windows) and all(w is not None and w <= limit for w in windows)
 
 
+def check_max_tokens(max_tokens) -> None:
+    """At least one token, or -1 for no limit (as in mlx-lm); anything else is refused."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or (
+            max_tokens < 1 and max_tokens != -1):
+        raise MlxLlamaError(f"max_tokens must be an integer of at least 1 (or -1: no limit), "
+                            f"got {max_tokens!r}")
+
+
 def stream_generate(
     model,
     tokenizer,
@@ -256,10 +264,7 @@ def stream_generate(
     elif sampling_kwargs:
         raise MlxLlamaError("pass sampling options either as SamplingParams or as keywords")
     sampling.validate(model.config.vocab_size)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or (
-            max_tokens < 1 and max_tokens != -1):
-        raise MlxLlamaError(f"max_tokens must be an integer of at least 1 (or -1: no limit), "
-                            f"got {max_tokens!r}")
+    check_max_tokens(max_tokens)
     if max_tokens == -1:  # as in mlx-lm: until an end token, a stop string or the context
         max_tokens = math.inf
     if stop is not None and not isinstance(stop, str) and not (

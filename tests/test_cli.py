@@ -354,3 +354,32 @@ def test_chat_drops_the_oldest_turns_when_it_outgrows_the_context(chat_model_ctx
     assert "the conversation outgrew the context" in result.stderr
     prompts = [int(m) for m in re.findall(r"\[prompt (\d+) tokens", result.stderr)]
     assert len(prompts) == len(turns) and max(prompts) <= 64 - 8
+
+
+def test_chat_with_no_token_limit_still_drops_the_oldest_turns(chat_model_ctx64):
+    """--max-tokens -1: each reply runs to the context, so the next turn must make room (the
+    reserve for the reply was once -1, which dropped nothing and failed every later turn)."""
+    turns = ["Tell me about llamas", "And their wool?", "Where do they live?"]
+    result = run_cli("chat", "-m", str(chat_model_ctx64), "--max-tokens", "-1",
+                     stdin="\n".join(turns + ["/quit"]) + "\n")
+    assert result.returncode == 0 and "error" not in result.stderr, result.stderr
+    assert "the conversation outgrew the context" in result.stderr
+    assert len(re.findall(r"\[prompt (\d+) tokens", result.stderr)) == len(turns)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--max-tokens", "0"], "max_tokens"), (["--temp", "-1"], "temperature"),
+    (["--top-p", "2"], "top_p"), (["--system", "Be brief. " * 40], "system message"),
+])
+def test_chat_refuses_bad_settings_before_the_first_turn(chat_model_ctx64, flags, named):
+    """Settings every turn would fail on are one line and exit 1 up front, not an error per
+    turn and exit 0."""
+    result = run_cli("chat", "-m", str(chat_model_ctx64), *flags, stdin="Hello\n/quit\n")
+    assert result.returncode == 1, result.stderr
+    assert named in one_line_error(result.stderr)
+
+
+def test_the_reply_reserve_is_a_quarter_of_the_context_at_most_and_with_no_limit():
+    from mlx_llama.chat_repl import reply_reserve
+
+    assert [reply_reserve(n, 64) for n in (8, 100, -1)] == [8, 16, 16]
