@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -162,6 +163,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_repl(args)
 
 
+def reopen_closed_standard_streams() -> None:
+    """Run with file descriptor 0, 1 or 2 closed (`mlx-llama ... <&-`, some launchers), the
+    next file opened takes its number: MLX would read the weights through "standard input" and
+    fail as if they were corrupt. Holding the numbers with /dev/null keeps files off them."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)  # takes the lowest: fd
+    if sys.stdin is None:  # Python found fd 0 closed: now it reads as an empty file, as </dev/null
+        sys.stdin = open(0, closefd=False)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """A bad flag is one line naming it and where the usage is, not the whole usage block."""
 
@@ -208,11 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, stray = parser.parse_known_args(argv)
-    if stray:  # argparse would point at `mlx-llama --help`, not at the command's own help
-        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(stray)}")
-    try:
+    try:  # parsing is inside: building the parser imports every subcommand (a Ctrl-C lands there)
+        reopen_closed_standard_streams()
+        parser = build_parser()
+        args, stray = parser.parse_known_args(argv)
+        if stray:  # argparse would point at `mlx-llama --help`, not at the command's own help
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(stray)}")
         return int(args.func(args) or 0)
     except MlxLlamaError as e:
         print(f"error: {e}", file=sys.stderr)

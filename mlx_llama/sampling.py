@@ -42,7 +42,8 @@ class SamplingParams:
         """Reject values no sampler can honour, with the allowed range in the message."""
         self._check_types()
         checks = [
-            ("temperature", self.temperature, 0.0 <= self.temperature <= 100, ">= 0"),
+            ("temperature", self.temperature, 0.0 <= self.temperature <= 100,
+             "in [0, 100] (0 is greedy)"),
             ("top_p", self.top_p, 0.0 <= self.top_p <= 1.0, "in [0, 1] (0 keeps only the best)"),
             ("top_k", self.top_k, self.top_k >= 0, ">= 0 (0 disables it)"),
             ("min_p", self.min_p, 0.0 <= self.min_p <= 1.0, "in [0, 1]"),

@@ -383,3 +383,32 @@ def test_the_reply_reserve_is_a_quarter_of_the_context_at_most_and_with_no_limit
     from mlx_llama.chat_repl import reply_reserve
 
     assert [reply_reserve(n, 64) for n in (8, 100, -1)] == [8, 16, 16]
+
+
+def test_generate_with_standard_input_closed(tiny_checkpoints):
+    """With fd 0 closed, the weights' file took number 0 and MLX failed to read it as if it
+    were corrupt; `-p -` then reads an empty prompt and chat leaves at once, as with </dev/null."""
+    def run_closed(*args):
+        return subprocess.run([sys.executable, "-m", "mlx_llama.cli", *args],
+                              preexec_fn=lambda: os.close(0), capture_output=True, text=True,
+                              timeout=300)
+
+    model = str(tiny_checkpoints["gqa"])
+    result = run_closed("generate", "-m", model, "-p", "hi", "--max-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    assert "generation: 2 tokens" in result.stderr
+    from_stdin = run_closed("generate", "-m", model, "-p", "-", "--max-tokens", "2",
+                            "--no-chat-template")
+    assert from_stdin.returncode == 1
+    assert "the prompt is empty" in one_line_error(from_stdin.stderr)
+
+
+def test_ctrl_c_while_the_parser_imports_the_subcommands_is_not_a_traceback(monkeypatch, capsys):
+    import mlx_llama.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["generate"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"

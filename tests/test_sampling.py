@@ -142,3 +142,9 @@ def test_stop_prefix_that_does_not_complete_is_released():
     a, _ = stops.feed("go ST")
     b, _ = stops.feed("ay")
     assert a + b + stops.flush() == "go STay" and a == "go "
+
+
+def test_the_message_states_the_range_that_is_checked():
+    """--temp 150 was refused as "must be >= 0"; the allowed range is [0, 100]."""
+    with pytest.raises(MlxLlamaError, match=r"invalid temperature 150: must be in \[0, 100\]"):
+        SamplingParams(temperature=150).validate(VOCAB)
