@@ -554,6 +554,8 @@ BAD_REQUESTS = [
     ("prompt too long", "/v1/completions",
      {"model": MODEL_ID, "prompt": "llama " * 9000}, 400, "prompt"),
     ("wrong model", "/v1/chat/completions", {**GOOD_CHAT, "model": "gpt-4o"}, 404, "model"),
+    ("unencodable model", "/v1/chat/completions",  # a lone surrogate made the message a 500
+     b'{"model": "\\ud800", "messages": [{"role": "user", "content": "Hi"}]}', 404, "model"),
     ("n=2", "/v1/chat/completions", {**GOOD_CHAT, "n": 2}, 400, "n"),
     ("top_p out of range", "/v1/chat/completions", {**GOOD_CHAT, "top_p": 1.5}, 400, "top_p"),
     ("logit_bias token", "/v1/chat/completions", {**GOOD_CHAT, "logit_bias": {"99999": 1}}, 400,
@@ -880,6 +882,40 @@ def test_serve_command_with_api_key_from_environment(chat_model_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_load_error_is_raised_only_once_the_worker_thread_has_ended(chat_model_dir,
+                                                                     monkeypatch):
+    """The process exiting while the worker thread still clears its MLX streams aborted it
+    (exit 134, about one run in six); slow the clearing down to make the race certain."""
+    from mlx_llama.errors import MlxLlamaError
+    from mlx_llama.server import worker as worker_module
+    from mlx_llama.tokenizer import load_tokenizer
+
+    clear = getattr(worker_module.mx, "clear_streams", lambda: None)
+    monkeypatch.setattr(worker_module.mx, "clear_streams", lambda: (time.sleep(0.5), clear()),
+                        raising=False)
+    worker = GenerationWorker(load_model_fn(chat_model_dir), load_tokenizer(chat_model_dir),
+                              cache_kind=("quantized", {"bits": 4, "group_size": 32}))
+    with pytest.raises(MlxLlamaError, match="does not divide the model's head size"):
+        worker.start()
+    assert not worker._thread.is_alive()
+
+
+def test_a_cache_option_the_model_cannot_take_is_one_line_and_exit_1(chat_model_dir):
+    """The message was right, then the process aborted (exit 134): the worker thread kept the
+    model's arrays past the end of its MLX streams."""
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_llama.server", "-m", str(chat_model_dir), "--port", str(port),
+         "--kv-bits", "4", "--kv-group-size", "32"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "group" in lines[0], lines
 
 
 @pytest.mark.parametrize("kind, options", [("quantized", {"bits": 8, "group_size": 32}),

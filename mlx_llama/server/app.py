@@ -69,8 +69,8 @@ class ServerContext:
 
     def check_model(self, name: str) -> None:
         if name != self.model_id:
-            raise APIError(404, f"model '{name}' is not served here: this server serves "
-                           f"'{self.model_id}' (see GET /v1/models)", param="model",
+            raise APIError(404, f"model {name!r} is not served here: this server serves "  # repr:
+                           f"{self.model_id!r} (see GET /v1/models)", param="model",  # no lone surrogates
                            code="model_not_found")
 
 

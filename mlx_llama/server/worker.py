@@ -245,6 +245,9 @@ class GenerationWorker:
         self._thread.start()
         self._ready.wait()
         if self._load_error is not None:
+            # Wait for the thread to clear its MLX streams: exiting while it still holds them
+            # aborts the process ("terminate called without an active exception", exit 134).
+            self._thread.join()
             raise self._load_error
         return self
 
