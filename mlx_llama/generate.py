@@ -176,10 +176,18 @@ def encode_prompt(tokenizer, prompt, chat: bool | None = None) -> list[int]:
         raise MlxLlamaError("prompt must be a string, a list of token ids, or a list of messages")
     if not prompt:
         raise MlxLlamaError("the prompt is empty: give some text to continue")
-    if chat or (chat is None and tokenizer.chat_template):
+    if uses_chat_template(tokenizer, prompt, chat):
         messages = [{"role": "user", "content": prompt}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return tokenizer.encode(prompt)
+
+
+def uses_chat_template(tokenizer, prompt, chat: bool | None) -> bool:
+    """Whether `encode_prompt` renders `prompt` with the chat template (else the generated
+    text continues the prompt's own text)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        return True
+    return isinstance(prompt, str) and bool(chat or (chat is None and tokenizer.chat_template))
 
 
 def whole_characters(tail: str, tokenizer, generated: list[int]) -> str:
@@ -242,6 +250,7 @@ def stream_generate(
     logprobs: bool = False,
     prefill_chunk: int | None = None,
     prefill_progress: Callable[[int, int], None] | None = None,
+    continuation: bool | None = None,
     **sampling_kwargs,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt`, yielding a `GenerationResponse` per printable piece.
@@ -253,6 +262,10 @@ def stream_generate(
     A `PromptCache(model.make_cache)` passed in is reused: the longest prefix it shares with
     this prompt (e.g. the previous turn of a chat) is kept and only the rest is prefilled;
     afterwards it holds the prompt and the completion.
+
+    `continuation`: whether the text continues the prompt's text, so that `prompt + text`
+    reads right (a SentencePiece word-initial space on the first token is kept, as OpenAI's
+    and llama.cpp's completions do). By default, yes unless the chat template was applied.
     """
     if sampling is None:
         unknown = sorted(set(sampling_kwargs) - set(SamplingParams.__dataclass_fields__))
@@ -271,6 +284,8 @@ def stream_generate(
             isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
         raise MlxLlamaError(f"stop must be a string or a list of strings, got {stop!r}")
     tokens = encode_prompt(tokenizer, prompt, chat)
+    if continuation is None:
+        continuation = not uses_chat_template(tokenizer, prompt, chat)
     check_token_ids(tokens, model.config.vocab_size)
     limit = context_length(model)
     if not attends_within_context(cache, limit):
@@ -291,7 +306,7 @@ def stream_generate(
     processor = LogitsProcessor(sampling, model.config.vocab_size, tokens)
     end_ids = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
     stops = StopStrings([stop] if isinstance(stop, str) else list(stop or []))
-    detok = tokenizer.detokenizer()
+    detok = tokenizer.detokenizer(after=tokens if continuation else ())
     with wired_limit(model):  # Metal: keep the weights resident for the run; else a no-op
         mx.reset_peak_memory()
         start = time.perf_counter()

@@ -75,6 +75,21 @@ class StreamingDetokenizer:
         self._emitted = 0  # characters of decode(self._window) already returned
         self._boundary = 0  # window index of the last complete point
 
+    def prime(self, context: Sequence[int]) -> None:
+        """Start after `context`, text already written (a completion's prompt), so the first
+        new token reads as it does after it: a SentencePiece word-initial space is kept ("are"
+        + "▁and" is " and"), not dropped as at the start of a text. The anchor is the shortest
+        tail of the context that decodes to whole characters (byte-fallback tokens of one
+        character decode to U+FFFD apart); a context with none in reach primes nothing."""
+        self.reset()
+        context = [int(t) for t in context if int(t) not in self._skip_ids][-16:]
+        for n in range(1, len(context) + 1):
+            tail = context[-n:]
+            text = self._decode(tail)
+            if text and _REPLACEMENT_CHAR not in text:
+                self._window, self._emitted, self._boundary = tail, len(text), len(tail)
+                return
+
     def add_token(self, token_id: int) -> str:
         """Add one token; return the text it makes printable (often "", never part of a character)."""
         token_id = int(token_id)
@@ -180,9 +195,13 @@ class Tokenizer:
             return bytes(_UNICODE_TO_BYTE[c] for c in piece)
         return piece.replace("\u2581", " ").encode("utf-8")
 
-    def detokenizer(self) -> StreamingDetokenizer:
-        """A fresh streaming detokenizer for one generated sequence."""
-        return StreamingDetokenizer(self._backend.decode, self.all_special_ids)
+    def detokenizer(self, after: Sequence[int] = ()) -> StreamingDetokenizer:
+        """A fresh streaming detokenizer for one generated sequence; `after`: the tokens whose
+        text it continues (see `StreamingDetokenizer.prime`)."""
+        detokenizer = StreamingDetokenizer(self._backend.decode, self.all_special_ids)
+        if after:
+            detokenizer.prime(after)
+        return detokenizer
 
     def token_to_id(self, token: str) -> int | None:
         """Id of one vocabulary entry (e.g. "<|eot_id|>"), or None if it is not in the vocab."""

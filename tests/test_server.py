@@ -218,6 +218,32 @@ def test_completion_matches_in_process_generation(server, client, chat_model_dir
     assert got.choices[0].text == expected
 
 
+def test_a_completion_continues_its_prompt_text(server, client, chat_model_dir):
+    """prompt + text reads as the whole sequence decodes (SentencePiece kept the first token's
+    word-initial space off: "Llamas are" + "andD", not " andD"), and each text_offset points at
+    its token's text."""
+    from mlx_llama.loading import load_model
+
+    model, _ = load_model(chat_model_dir)
+    tok = server.tokenizer
+    prompt = tok.encode("Llamas are")
+    generated = [r.token for r in stream_generate(model, tok, prompt, 8, temperature=0,
+                                                  logit_bias={EOS: -100})]
+    expected = tok.decode(prompt + generated)[len(tok.decode(prompt)):]
+    assert tok.id_to_token(generated[0]).startswith("\u2581") and expected.startswith(" ")
+    for streamed in (False, True):
+        kw = dict(max_tokens=8, temperature=0, logit_bias=NO_EOS)
+        if streamed:
+            text = streamed_completion(client, "Llamas are", **kw)[0]
+        else:
+            reply = client.completions.create(model=MODEL_ID, prompt="Llamas are", logprobs=1, **kw)
+            text, lp = reply.choices[0].text, reply.choices[0].logprobs
+            for token, offset in zip(lp.tokens, lp.text_offset):
+                if not token.startswith("bytes:"):
+                    assert text[offset:offset + len(token)] == token, (text, lp)
+        assert text == expected
+
+
 @pytest.mark.parametrize("streamed", [False, True])
 def test_stop_strings(client, streamed):
     kw = dict(max_tokens=40, temperature=0, logit_bias=NO_EOS)

@@ -294,6 +294,31 @@ def test_stream_leading_space_matches_decode(llama2_dir, sp):
     assert not pieces[1].startswith(" ")
 
 
+@pytest.mark.parametrize("name", ["llama2-spm", "llama3-bpe", "smollm2"])
+def test_a_primed_stream_continues_the_prompt_text(tokenizers, name):
+    """A completion's text, streamed after its prompt, is what the whole sequence decodes to
+    past the prompt: SentencePiece's word-initial space on the first new token is kept
+    ("Llamas are" + " social", not "social"). Split at every token, random ids included."""
+    if name not in tokenizers:
+        pytest.skip("SmolLM2 GGUF not available")
+    tok = tokenizers[name]
+    rng = random.Random(7)
+    sequences = [tok.encode(text) for text in F.TEXTS if text.strip()]
+    sequences += [[rng.randrange(tok.vocab_size) for _ in range(12)] for _ in range(20)]
+    for ids in sequences:
+        for k in range(1, len(ids)):
+            prompt, new = ids[:k], ids[k:]
+            before, whole = tok.decode(prompt), tok.decode(ids)
+            if "\ufffd" in before + whole or not whole.startswith(before):
+                continue  # the split falls inside a character: no text boundary to continue
+            detok = tok.detokenizer(after=prompt)
+            text = "".join(detok.add_token(i) for i in new) + detok.finalize()
+            assert before + text == whole, (name, prompt, new, text)
+    prompt = tok.encode("Llamas are")
+    first_new = tok.encode("Llamas are social")[len(prompt)]
+    assert tok.detokenizer(after=prompt).add_token(first_new).startswith(" ")
+
+
 def test_stream_never_anchors_on_text_a_decoder_may_strip():
     """A token whose text vanishes when decoded alone (here: a decoder that strips every leading
     space) must not become the anchor, or the spaces after it are lost."""

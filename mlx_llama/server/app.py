@@ -147,7 +147,8 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 
 def new_job(ctx: ServerContext, prefix: str, tokens: list[int], max_tokens: int,
             body: S.SamplingFields, top_logprobs: int | None,
-            loop: asyncio.AbstractEventLoop) -> tuple[Job, asyncio.Queue]:
+            loop: asyncio.AbstractEventLoop, continuation: bool = False,
+            ) -> tuple[Job, asyncio.Queue]:
     """A job whose events land in the returned queue on `loop` (from the worker thread)."""
     queue: asyncio.Queue = asyncio.Queue()
     job_ref: list[Job] = []
@@ -160,7 +161,7 @@ def new_job(ctx: ServerContext, prefix: str, tokens: list[int], max_tokens: int,
 
     job = Job(id=f"{prefix}-{uuid.uuid4().hex[:24]}", tokens=tokens, max_tokens=max_tokens,
               sampling=sampling_params(body, ctx.worker.vocab_size), emit=emit,
-              stop=stop_list(body.stop), top_logprobs=top_logprobs)
+              stop=stop_list(body.stop), top_logprobs=top_logprobs, continuation=continuation)
     job_ref.append(job)
     return job, queue
 
@@ -437,7 +438,7 @@ async def completions(body: S.CompletionRequest, request: Request):
     max_tokens = token_budget(ctx, len(tokens), body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS,
                               "prompt", "max_tokens")
     job, queue = new_job(ctx, "cmpl", tokens, max_tokens, body, body.logprobs,
-                         asyncio.get_running_loop())
+                         asyncio.get_running_loop(), continuation=True)
     fmt = CompletionFormat(job, ctx.model_id, body.logprobs is not None)
     return await respond(request, ctx, job, queue, fmt, body, started)
 

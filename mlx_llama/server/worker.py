@@ -92,8 +92,8 @@ class LogprobAligner:
     decoder drops a SentencePiece word-initial space.
     """
 
-    def __init__(self, tokenizer) -> None:
-        self.detokenizer = tokenizer.detokenizer()
+    def __init__(self, tokenizer, after: list[int] = ()) -> None:
+        self.detokenizer = tokenizer.detokenizer(after)  # as stream_generate's own
         self.special = frozenset(tokenizer.all_special_ids)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stream_chars = 0  # whole characters the tokens' bytes spell so far
@@ -163,6 +163,7 @@ class Job:
     emit: Callable[[Event], None]
     stop: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no logprobs; k: the chosen token plus k alternatives
+    continuation: bool = False  # the text continues the prompt's (completions), not a chat turn
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens_generated: int = 0
     tokens_at_cancel: int | None = None  # tokens generated when cancel() was called
@@ -384,6 +385,7 @@ class GenerationWorker:
                 self.model, self.tokenizer, job.tokens, job.max_tokens,
                 sampling=job.sampling, stop=job.stop, cache=cache,
                 logprobs=job.top_logprobs is not None, prefill_progress=on_prefill,
+                continuation=job.continuation,
             ):
                 job.tokens_generated = r.generation_tokens
                 if r.generation_tokens == 1:
@@ -397,7 +399,8 @@ class GenerationWorker:
                 record.decode_tps = r.generation_tps
                 ready = []
                 if r.logprobs is not None:
-                    aligner = aligner or LogprobAligner(self.tokenizer)
+                    aligner = aligner or LogprobAligner(
+                        self.tokenizer, job.tokens if job.continuation else [])
                     ready = aligner.add(r.token, self._logprob(r.token, r.logprobs, job.top_logprobs),
                                         r.text, last=r.finish_reason is not None)
                 job.emit(Delta(r.text, r.token, ready))
