@@ -136,6 +136,7 @@ def check_writable(path: Path, force: bool = False) -> None:
     """Refuse to replace a file that is not a prompt cache (a typo in -o must not eat weights)."""
     if path.is_dir():
         raise MlxLlamaError(f"{path} is a folder: give a file name for the prompt cache")
+    check_folder(path)
     if path.exists() and not force and not is_prompt_cache(path):
         raise MlxLlamaError(
             f"{path} exists and is not a prompt cache: choose another -o path, or pass --force "
@@ -165,24 +166,35 @@ def write_atomically(path: Path, arrays: dict[str, mx.array], metadata: dict[str
     a partial write. The temporary name ends in .safetensors because `mx.save_safetensors`
     would otherwise append that suffix itself.
     """
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise MlxLlamaError(f"folder {folder} does not exist: create it or choose another -o path")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.safetensors", dir=folder)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
-    try:
+    folder = check_folder(path)
+    tmp = None
+    try:  # a read-only or full disk: OSError from Python, RuntimeError from MLX's writer
+        # The name is cut so the temporary one stays under the 255-byte limit of a file name.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp.safetensors",
+                                   dir=folder)
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
         mx.save_safetensors(tmp, arrays, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        raise MlxLlamaError(f"cannot write {path}: {e.strerror or e}") from None
+    except (OSError, RuntimeError) as e:
+        reason = (e.strerror if isinstance(e, OSError) else None) or str(e)
+        raise MlxLlamaError(f"cannot write {path}: {reason}: free some space or choose another "
+                            "-o path") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_folder(path: Path) -> Path:
+    """The folder `path` goes in, which must exist (checked before minutes of prefill)."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise MlxLlamaError(f"folder {folder} does not exist: create it or choose another -o path")
+    return folder
 
 
 def _refuse(path: Path, problem: str) -> MlxLlamaError:
@@ -283,16 +295,17 @@ def _check_shapes(state: Sequence[mx.array], model: nn.Module) -> None:
 def cache_prompt(model, tokenizer, saved: SavedPrompt, kind: str = "default",
                  chunk: int = 512, **options) -> PromptCache:
     """Prefill the tokens of `saved` into a fresh cache of `kind`; returns it, ready to save."""
-    from .generate import prefill
+    from .generate import attends_within_context, prefill
 
     tokens = prefix_tokens(tokenizer, saved)
     if not tokens:
         raise MlxLlamaError("the prompt has no tokens: give some text with -p")
     limit = model.config.max_position_embeddings
-    if len(tokens) >= limit:
-        raise MlxLlamaError(f"the prompt has {len(tokens)} tokens but the model's context is "
-                            f"{limit}: shorten it")
     cache = PromptCache(partial(model.make_cache, kind, **options))
+    if len(tokens) >= limit and not attends_within_context(cache, limit):  # as generate does
+        raise MlxLlamaError(f"the prompt has {len(tokens)} tokens but the model's context is "
+                            f"{limit}: shorten it, or use a rotating cache no larger than the "
+                            f"context (--max-kv-size {limit} or less) to slide past it")
     prefill(model, tokens, cache.layers, chunk)
     mx.eval([c.state for c in cache.layers])
     cache.tokens = list(tokens)

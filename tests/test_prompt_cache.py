@@ -370,3 +370,46 @@ def test_metadata_of_the_wrong_shape_is_refused_in_one_line(tiny, good_file, tmp
     with pytest.raises(MlxLlamaError, match="damaged metadata|inconsistent structure") as e:
         pc.load_prompt_cache(tmp_path / "edited.safetensors", model)
     assert "\n" not in str(e.value)
+
+
+def test_write_failures_of_every_kind_are_one_line(tiny, good_file, monkeypatch):
+    """MLX's writer raises RuntimeError (a full disk), the temporary file's creation OSError (a
+    read-only folder), and a long but valid name once overflowed with the temporary's suffix."""
+    model, _ = tiny
+    cache = pc.load_prompt_cache(good_file, model)
+    long_name = good_file.parent / ("a" * 240 + ".safetensors")  # 252 bytes: a valid name
+    assert pc.save_prompt_cache(long_name, cache, model) == long_name and long_name.is_file()
+    with monkeypatch.context() as m:
+        m.setattr(mx, "save_safetensors",
+                  lambda *a, **k: (_ for _ in ()).throw(RuntimeError("[write] Unable to write")))
+        with pytest.raises(MlxLlamaError, match="cannot write .*Unable to write"):
+            pc.save_prompt_cache(good_file.parent / "new.safetensors", cache, model)
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(pc.tempfile, "mkstemp", read_only)
+    with pytest.raises(MlxLlamaError, match="cannot write .*Read-only file system"):
+        pc.save_prompt_cache(good_file.parent / "new.safetensors", cache, model)
+    assert sorted(p.name for p in good_file.parent.iterdir()) == sorted(
+        [good_file.name, long_name.name])
+
+
+def test_a_missing_output_folder_is_found_before_the_prefill(tmp_path):
+    with pytest.raises(MlxLlamaError, match="folder .*nope does not exist"):
+        pc.check_writable(tmp_path / "nope" / "x.safetensors")
+
+
+def test_a_rotating_cache_takes_a_prompt_longer_than_the_context(tiny, monkeypatch):
+    """As in generate: a window no wider than the context slides past it."""
+    import dataclasses
+
+    model, tok = tiny
+    monkeypatch.setattr(model, "config",
+                        dataclasses.replace(model.config, max_position_embeddings=16))
+    saved = pc.SavedPrompt(PREFIX)
+    assert len(tok.encode(PREFIX)) > 16
+    cache = pc.cache_prompt(model, tok, saved, "rotating", max_size=16)
+    assert cache.tokens == tok.encode(PREFIX) and cache.layers[0].offset == len(cache.tokens)
+    with pytest.raises(MlxLlamaError, match="context is 16: shorten it, or use a rotating"):
+        pc.cache_prompt(model, tok, saved)
