@@ -73,8 +73,10 @@ def prefill(
     """
     if not tokens:
         raise MlxLlamaError("nothing to prefill: the prompt has no tokens")
-    if chunk is not None and chunk < 1:
-        raise MlxLlamaError(f"the prefill chunk must be at least 1 token, got {chunk}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral)
+                              or chunk < 1):
+        raise MlxLlamaError(f"the prefill chunk must be at least 1 token (an integer), "
+                            f"got {chunk!r}")
     total = len(tokens)
     chunk = chunk or default_prefill_chunk(model)
     done = 0

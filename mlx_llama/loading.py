@@ -35,6 +35,19 @@ CPU_PREFILL_CHUNK = 64
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
+def checked_compute_dtype(value: mx.Dtype | None | str) -> mx.Dtype | None | str:
+    """"auto", None, a floating `mx.Dtype`, or its name ("bfloat16"); anything else is refused
+    here, not as a TypeError deep in a cast."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str) and value in DTYPES:
+        return DTYPES[value]
+    if isinstance(value, mx.Dtype) and mx.issubdtype(value, mx.floating):
+        return value
+    raise MlxLlamaError(f"compute_dtype must be 'auto', None, {', '.join(map(repr, DTYPES))} "
+                        f"or a floating mx.Dtype, got {value!r}")
+
+
 def default_compute_dtype() -> mx.Dtype | None:
     """float32 on the CPU backend; None (keep what is stored) on a GPU."""
     return mx.float32 if mx.default_device().type == mx.DeviceType.cpu else None
@@ -153,6 +166,7 @@ def load_model(
     thread that loaded it. `lazy=True` leaves them unread until used, for a caller that runs
     the model on this thread and wants to drop layers as it goes (the converter's check).
     """
+    compute_dtype = checked_compute_dtype(compute_dtype)
     folder = Path(folder)
     raw = read_config(folder)
     cfg = ModelConfig.from_dict(raw)

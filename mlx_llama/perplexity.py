@@ -125,7 +125,14 @@ def token_nlls(model, tokens: Sequence[int], context: int = 512, stride: int | N
 
 
 def summarize(nll: np.ndarray) -> PerplexityResult:
+    """Perplexity and its standard error; a score that is not a number is refused, not
+    averaged into a "nan" that reads like a result."""
     n = int(nll.size)
+    bad = n - int(np.isfinite(nll).sum())
+    if bad:
+        raise MlxLlamaError(
+            f"{bad} of the {n} token scores are not finite (NaN or infinity): the model's "
+            "weights are damaged or its arithmetic overflows in this dtype; re-convert it")
     mean = float(nll.mean())
     ppl = math.exp(mean)
     sd = float(nll.std(ddof=1)) if n > 1 else 0.0

@@ -58,3 +58,28 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=300, cwd="/", env={**os.environ, "MLX_LLAMA_CPU_STREAMS": "2"})
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_load_takes_a_dtype_by_name_and_refuses_others_in_one_line(tiny_checkpoints):
+    import mlx.core as mx
+    import pytest
+
+    from mlx_llama import MlxLlamaError, generate, load
+
+    folder = tiny_checkpoints["gqa"]
+    by_name, _ = load(folder, compute_dtype="float16")
+    assert by_name.model.layers[0].self_attn.q_proj.weight.dtype == mx.float16
+    for bad in ("fp8", 5, mx.int32):
+        with pytest.raises(MlxLlamaError, match="compute_dtype must be"):
+            load(folder, compute_dtype=bad)
+
+
+def test_a_prefill_chunk_that_is_not_a_whole_number_is_refused(tiny_checkpoints):
+    import pytest
+
+    from mlx_llama import MlxLlamaError, generate, load
+
+    model, tok = load(tiny_checkpoints["gqa"])
+    for bad in (2.5, float("nan"), True):
+        with pytest.raises(MlxLlamaError, match="prefill chunk must be at least 1"):
+            generate(model, tok, "Llamas are social animals and live", 3, prefill_chunk=bad)

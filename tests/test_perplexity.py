@@ -122,6 +122,21 @@ def test_context_longer_than_the_model_is_refused(tiny):
         perplexity(tiny, list(range(3, 100)), context=1024)
 
 
+def test_a_model_that_scores_nan_is_an_error_not_a_result(tiny_checkpoints, tmp_path):
+    """One NaN weight made every score NaN, and `perplexity: nan` was printed with exit 0."""
+    folder = tmp_path / "nan"
+    shutil.copytree(tiny_checkpoints["gqa"], folder)
+    weights = mx.load(str(folder / "model.safetensors"))
+    name = next(k for k in weights if k.endswith("down_proj.weight"))
+    broken = np.array(weights[name])
+    broken.flat[0] = np.nan
+    weights[name] = mx.array(broken)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    model, _ = load_model(folder, compute_dtype=mx.float32)
+    with pytest.raises(MlxLlamaError, match="token scores are not finite"):
+        perplexity(model, list(range(3, 60)), context=32)
+
+
 # ------------------------------------------------------------------------------------------
 # SmolLM2 (the bundled model): agreement with transformers, and the quantized caches
 # ------------------------------------------------------------------------------------------
