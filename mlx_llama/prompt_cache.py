@@ -207,6 +207,8 @@ def _refuse(path: Path, problem: str) -> MlxLlamaError:
 def read_file(path: str | Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     """Arrays and decoded metadata of a prompt-cache file, checked for integrity."""
     path = Path(path)
+    if path.is_dir():
+        raise MlxLlamaError(f"prompt cache {path} is a folder: give the cache file's path")
     if not path.is_file():
         raise MlxLlamaError(
             f"prompt cache {path} does not exist: create it with `mlx-llama cache-prompt -m MODEL "

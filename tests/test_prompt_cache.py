@@ -413,3 +413,8 @@ def test_a_rotating_cache_takes_a_prompt_longer_than_the_context(tiny, monkeypat
     assert cache.tokens == tok.encode(PREFIX) and cache.layers[0].offset == len(cache.tokens)
     with pytest.raises(MlxLlamaError, match="context is 16: shorten it, or use a rotating"):
         pc.cache_prompt(model, tok, saved)
+
+
+def test_a_folder_given_as_the_prompt_cache_is_named_as_one(tmp_path):
+    with pytest.raises(MlxLlamaError, match="is a folder"):
+        pc.read_file(tmp_path)
