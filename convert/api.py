@@ -111,6 +111,11 @@ def convert(
             f"{src} has no tokenizer (tokenizer.json or tokenizer.model), so the converted model "
             "could not run: copy the tokenizer files from the original model into it"
         )
+    if eval_text is not None and (source.quantization is not None
+                                  or any(k.endswith(".scales") for k in source.weights)):
+        raise MlxLlamaError(
+            f"--eval compares the result with the full-precision source, and {src} is already "
+            "quantized: convert from the original checkpoint to measure, or drop --eval")
     cfg = ModelConfig.from_dict(source.config)
     target = dtype or declared_dtype(source.config)
     weights = map_weights(source.weights, cfg)
@@ -139,7 +144,14 @@ def convert(
     if eval_text is not None:
         from .measure import evaluate, format_evaluation
 
-        print(format_evaluation(evaluate(out, reopen, cfg, eval_text), eval_text), flush=True)
+        try:  # the folder is in place now: a failure here must not claim it was not written
+            print(format_evaluation(evaluate(out, reopen, cfg, eval_text), eval_text), flush=True)
+        except KeyboardInterrupt:
+            raise MlxLlamaError(f"evaluation interrupted; {out} was written") from None
+        except Exception as e:  # noqa: BLE001 - one line, with what did happen
+            first = next(iter(str(e).splitlines()), type(e).__name__)
+            raise MlxLlamaError(f"{out} was written, but evaluating it on {eval_text} failed: "
+                                f"{first}") from e
     return out
 
 

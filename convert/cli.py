@@ -34,7 +34,10 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not a size (examples: 5GB, 500MB, 2GiB)")
     number, unit = match.groups()
     unit = (unit or "").upper().rstrip("B")
-    value = int(float(number) * UNITS[unit])
+    try:
+        value = int(float(number) * UNITS[unit])
+    except OverflowError:  # 1e400 is infinity as a float
+        raise argparse.ArgumentTypeError(f"'{text}' is far too large a size") from None
     if value <= 0:
         raise argparse.ArgumentTypeError("the shard size must be positive")
     return value

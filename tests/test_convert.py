@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import math
 import shutil
@@ -281,6 +283,8 @@ def test_plan_shards_and_sizes():
     assert plan_shards([("a", 1), ("big", 500), ("b", 1)], 100) == [["a"], ["big"], ["b"]]
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 << 30
     assert parse_size("1000") == 1000 and parse_size("1.5mb") == 1_500_000
+    with pytest.raises(argparse.ArgumentTypeError, match="far too large"):  # was OverflowError
+        parse_size("1" + "0" * 400)
 
 
 def test_gguf_source_passes_quantized_blocks_through(smollm2_gguf_path, tmp_path):

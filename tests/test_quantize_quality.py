@@ -463,3 +463,31 @@ def test_gptq_group_kernel_is_the_column_loop_bit_for_bit():
     _round_group(work, u, c0, c1, s, b, top, codes, errs)
     assert np.array_equal(work, ref_work) and np.array_equal(codes, ref_codes)
     assert np.array_equal(errs, ref_errs) and codes[:, c0:c1].max() > 0
+
+
+def test_eval_is_refused_on_a_quantized_source_and_a_late_failure_says_what_was_written(
+        trained, tmp_path, capsys, monkeypatch):
+    """--eval on a quantized source failed only after writing the output, and any failure
+    while evaluating said the output "was not written or changed" when it had been."""
+    from convert import measure
+    from convert.cli import main
+
+    folder, text_path = trained
+    quantized = tmp_path / "q"
+    assert main([str(folder), "-o", str(quantized), "-q", "--method", "minmax",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main([str(quantized), "-o", str(tmp_path / "again"), "--eval", str(text_path)]) == 1
+    err = capsys.readouterr().err
+    assert "is already quantized" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "again").exists()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(measure, "evaluate", broken)
+    out = tmp_path / "late"
+    assert main([str(folder), "-o", str(out), "--no-progress", "--eval", str(text_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{out} was written, but evaluating it" in err and "out of memory" in err, err
+    assert (out / "config.json").is_file()
