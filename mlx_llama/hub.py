@@ -137,6 +137,14 @@ def describe_hub_error(e: BaseException, repo_id: str, revision: str | None) -> 
     from huggingface_hub import errors as hf
 
     rev = revision or "main"
+    # huggingface_hub wraps an HTTP error it met while downloading (a 500 from the hub) in
+    # "not found locally": name the answer the hub gave, not the network.
+    cause = e.__cause__ or e.__context__
+    while cause is not None and not isinstance(e, hf.HfHubHTTPError):
+        if isinstance(cause, hf.HfHubHTTPError):
+            e = cause
+            break
+        cause = cause.__cause__ or cause.__context__
     offline_error = getattr(hf, "OfflineModeIsEnabled", ())
     local_missing = getattr(hf, "LocalEntryNotFoundError", ())
     if isinstance(e, hf.GatedRepoError):
@@ -158,6 +166,9 @@ def describe_hub_error(e: BaseException, repo_id: str, revision: str | None) -> 
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status in (401, 403):
             return f"access to {repo_id} was refused (HTTP {status}): {LOGIN_HINT} with a token that can read it"
+        if isinstance(status, int) and status >= 500:
+            return (f"the Hugging Face hub failed while serving {repo_id} (HTTP {status}): "
+                    "try again later")
         return f"the Hugging Face hub refused the download of {repo_id} (HTTP {status}): {_first_line(e)}"
     if isinstance(e, (offline_error, local_missing)) or _is_connection_error(e):
         if offline_mode():

@@ -290,3 +290,23 @@ def test_a_local_path_typo_says_so_and_a_repo_id_stays_one(tmp_path, monkeypatch
     with pytest.raises(MlxLlamaError, match="^cannot reach the Hugging Face hub"):
         hub.resolve_model_folder("org/name")
     assert asked == ["out/nonexist", "org/name"]
+
+
+def test_a_server_error_wrapped_as_not_found_locally_is_named_as_the_hubs():
+    """huggingface_hub 2.x wraps a 500 met while downloading in LocalEntryNotFoundError, which
+    was reported as "cannot reach the hub: check your network connection"."""
+    import httpx
+    from huggingface_hub import errors as hf
+
+    from mlx_llama.hub import describe_hub_error
+
+    response = httpx.Response(500, request=httpx.Request("GET", "http://hub/x"))
+    try:
+        try:
+            raise hf.HfHubHTTPError("500 Server Error", response=response)
+        except hf.HfHubHTTPError as inner:
+            raise hf.LocalEntryNotFoundError("cannot find the file locally") from inner
+    except hf.LocalEntryNotFoundError as wrapped:
+        message = describe_hub_error(wrapped, "tiny-org/tiny", None)
+    assert "HTTP 500" in message and "try again later" in message, message
+    assert "network" not in message
