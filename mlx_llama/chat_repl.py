@@ -27,7 +27,6 @@ def run_repl(args: argparse.Namespace) -> int:
     params = sampling_params(args).validate()  # a bad flag fails now, not at every turn
     check_max_tokens(args.max_tokens)
     model, tokenizer = load_checked(resolve_model(args.model))
-    params.validate(model.config.vocab_size)
     chat = Conversation(model, tokenizer, args.system, make_layers=cache_factory(args, model))
     check_system_fits(chat, model, args.max_tokens)
     try:  # the banner is inside: a Ctrl-C that lands just after it is still "at the prompt"

@@ -73,8 +73,7 @@ def prefill(
     """
     if not tokens:
         raise MlxLlamaError("nothing to prefill: the prompt has no tokens")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral)
-                              or chunk < 1):
+    if chunk is not None and (not is_whole_number(chunk) or chunk < 1):
         raise MlxLlamaError(f"the prefill chunk must be at least 1 token (an integer), "
                             f"got {chunk!r}")
     total = len(tokens)
@@ -231,10 +230,14 @@ def attends_within_context(cache: PromptCache | None, limit: int) -> bool:
     return bool(windows) and all(w is not None and w <= limit for w in windows)
 
 
+def is_whole_number(value) -> bool:
+    """An integer (numpy's too), not a bool: True would otherwise pass as 1."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_max_tokens(max_tokens) -> None:
     """At least one token, or -1 for no limit (as in mlx-lm); anything else is refused."""
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or (
-            max_tokens < 1 and max_tokens != -1):
+    if not is_whole_number(max_tokens) or (max_tokens < 1 and max_tokens != -1):
         raise MlxLlamaError(f"max_tokens must be an integer of at least 1 (or -1: no limit), "
                             f"got {max_tokens!r}")
 

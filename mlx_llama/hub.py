@@ -139,12 +139,7 @@ def describe_hub_error(e: BaseException, repo_id: str, revision: str | None) -> 
     rev = revision or "main"
     # huggingface_hub wraps an HTTP error it met while downloading (a 500 from the hub) in
     # "not found locally": name the answer the hub gave, not the network.
-    cause = e.__cause__ or e.__context__
-    while cause is not None and not isinstance(e, hf.HfHubHTTPError):
-        if isinstance(cause, hf.HfHubHTTPError):
-            e = cause
-            break
-        cause = cause.__cause__ or cause.__context__
+    e = _http_error_within(e, hf.HfHubHTTPError) or e
     offline_error = getattr(hf, "OfflineModeIsEnabled", ())
     local_missing = getattr(hf, "LocalEntryNotFoundError", ())
     if isinstance(e, hf.GatedRepoError):
@@ -186,6 +181,17 @@ def describe_hub_error(e: BaseException, repo_id: str, revision: str | None) -> 
             "point HF_HOME at a larger disk"
         )
     return f"cannot download {repo_id}: {type(e).__name__}: {_first_line(e)}"
+
+
+def _http_error_within(e: BaseException, kind: type) -> BaseException | None:
+    """`e` itself or the first exception of `kind` it was raised from, if any."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:  # a chain can loop back on itself
+        if isinstance(e, kind):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def offline_mode() -> bool:

@@ -68,9 +68,9 @@ class ServerContext:
                            "shorten it", param=param, code="context_length_exceeded")
 
     def check_model(self, name: str) -> None:
-        if name != self.model_id:
-            raise APIError(404, f"model {name!r} is not served here: this server serves "  # repr:
-                           f"{self.model_id!r} (see GET /v1/models)", param="model",  # no lone surrogates
+        if name != self.model_id:  # repr: a lone surrogate in `name` must not break the JSON
+            raise APIError(404, f"model {name!r} is not served here: this server serves "
+                           f"{self.model_id!r} (see GET /v1/models)", param="model",
                            code="model_not_found")
 
 
