@@ -116,6 +116,12 @@ def convert(
         raise MlxLlamaError(
             f"--eval compares the result with the full-precision source, and {src} is already "
             "quantized: convert from the original checkpoint to measure, or drop --eval")
+    if eval_text is not None:
+        from .measure import count_eval_tokens
+
+        if count_eval_tokens(source.files, eval_text) < 2:
+            raise MlxLlamaError(f"the --eval text {eval_text} has fewer than 2 tokens under "
+                                f"{src}'s tokenizer: give a longer text to score")
     cfg = ModelConfig.from_dict(source.config)
     target = dtype or declared_dtype(source.config)
     weights = map_weights(source.weights, cfg)
@@ -145,7 +151,7 @@ def convert(
         from .measure import evaluate, format_evaluation
 
         try:  # the folder is in place now: a failure here must not claim it was not written
-            print(format_evaluation(evaluate(out, reopen, cfg, eval_text), eval_text), flush=True)
+            print(format_evaluation(evaluate(out, reopen, cfg, eval_text, progress=progress), eval_text), flush=True)
         except KeyboardInterrupt:
             raise MlxLlamaError(f"evaluation interrupted; {out} was written") from None
         except Exception as e:  # noqa: BLE001 - one line, with what did happen

@@ -17,6 +17,7 @@ with the same tokenizer and the same windows for both.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable
@@ -201,7 +202,7 @@ def describe_choice(overrides: dict[str, QuantSpec]) -> str:
 
 
 def evaluate(out: Path, open_weights: Callable[[], dict[str, mx.array]], cfg: ModelConfig,
-             text_path: str, context: int = 512) -> dict[str, float]:
+             text_path: str, context: int = 512, progress: bool = False) -> dict[str, float]:
     """Perplexity of the source (float32) and of the converted folder on a text file."""
     from mlx_llama.loading import load
     from mlx_llama.perplexity import perplexity, read_text
@@ -212,10 +213,42 @@ def evaluate(out: Path, open_weights: Callable[[], dict[str, mx.array]], cfg: Mo
     if len(tokens) < 2:
         raise MlxLlamaError(f"{text_path} has fewer than 2 tokens: give a longer --eval text")
     context = min(context, cfg.max_position_embeddings)
-    quantized = perplexity(converted, tokens, context).ppl
+    bar = _evaluation_progress(len(tokens), show=progress)
+    quantized = perplexity(converted, tokens, context, progress=bar("converted")).ppl
     del converted
-    reference = perplexity(source_model(open_weights(), cfg), tokens, context).ppl
+    reference = perplexity(source_model(open_weights(), cfg), tokens, context,
+                           progress=bar("source")).ppl
     return {"source": reference, "converted": quantized, "tokens": len(tokens)}
+
+
+def _evaluation_progress(n_tokens: int, show: bool) -> Callable[[str], Callable[[int, int], None] | None]:
+    """Per-model window counters on stderr: scoring two models can take minutes on a CPU."""
+    if not show:
+        return lambda _name: None
+    print(f"Evaluating on {n_tokens} tokens (the converted model, then the source)",
+          file=sys.stderr, flush=True)
+
+    def for_model(name: str) -> Callable[[int, int], None]:
+        def report(done: int, total: int) -> None:  # redraws on a terminal; a log gets the last
+            if sys.stderr.isatty():
+                print(f"\r{name}: window {done}/{total}", end="\n" if done == total else "",
+                      file=sys.stderr, flush=True)
+            elif done == total:
+                print(f"{name}: {total} windows", file=sys.stderr, flush=True)
+        return report
+    return for_model
+
+
+def count_eval_tokens(files: dict[str, str | bytes], text_path: str) -> int:
+    """Tokens in the --eval text under the source's tokenizer, before any conversion work."""
+    from mlx_llama.perplexity import read_text
+    from mlx_llama.tokenizer import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, content in files.items():
+            if Path(name).name == name and not name.endswith(".safetensors"):
+                Path(tmp, name).write_bytes(content.encode() if isinstance(content, str) else content)
+        return len(load_tokenizer(tmp).encode(read_text(text_path)))
 
 
 def format_evaluation(result: dict[str, float], text_path: str) -> str:

@@ -410,9 +410,12 @@ def test_cli_prints_bits_per_weight_and_perplexity(trained, tmp_path, capsys):
     folder, text_path = trained
     code = main([str(folder), "-o", str(tmp_path / "out"), "--dtype", "bfloat16", "-q",
                  "--calibrate", "builtin", "--embeddings-bits", "4", "--eval", str(text_path)])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out, err = captured.out, captured.err
     assert code == 0
     assert "bits per weight" in out and "Perplexity on" in out and "source" in out
+    # scoring both models takes minutes on a real model: it says so, and counts the windows
+    assert "Evaluating on" in err and "converted: 6 windows" in err and "source: 6 windows" in err
 
 
 def test_user_errors_are_one_line(trained, tmp_path, capsys):
@@ -491,3 +494,25 @@ def test_eval_is_refused_on_a_quantized_source_and_a_late_failure_says_what_was_
     err = capsys.readouterr().err
     assert f"{out} was written, but evaluating it" in err and "out of memory" in err, err
     assert (out / "config.json").is_file()
+
+
+def test_an_eval_text_too_short_to_score_is_refused_before_converting(trained, tmp_path, capsys):
+    """A one-token --eval text was found only after the whole conversion had been written."""
+    import json
+    import shutil
+
+    from convert.cli import main
+
+    folder, _ = trained
+    no_bos = tmp_path / "no_bos"  # with a BOS every non-empty text has 2 tokens
+    shutil.copytree(folder, no_bos)
+    config_path = no_bos / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config_path.write_text(json.dumps({**config, "add_bos_token": False}))
+    one_token = tmp_path / "one.txt"
+    one_token.write_text("a")
+    out = tmp_path / "out"
+    assert main([str(no_bos), "-o", str(out), "-q", "--eval", str(one_token)]) == 1
+    err = capsys.readouterr().err
+    assert "has fewer than 2 tokens under" in err and len(err.strip().splitlines()) == 1, err
+    assert "Converting" not in err and not out.exists()
