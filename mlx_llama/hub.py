@@ -83,13 +83,8 @@ def download(
     """
     from huggingface_hub import snapshot_download
 
-    # Our own error below says what an empty match means; the library's warning would make
-    # it a second line.
-    quiet = logging.getLogger("huggingface_hub._snapshot_download")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
-        with _progress_bars(progress and sys.stderr.isatty()):
+        with _library_warnings_as_one_note(), _progress_bars(progress and sys.stderr.isatty()):
             folder = Path(snapshot_download(
                 repo_id,
                 revision=revision,
@@ -100,8 +95,6 @@ def download(
         raise
     except Exception as e:  # the library raises a dozen types; each gets its own sentence
         raise MlxLlamaError(describe_hub_error(e, repo_id, revision)) from None
-    finally:
-        quiet.setLevel(level)
     if not (folder / "config.json").is_file():
         raise MlxLlamaError(not_a_model_repo(repo_id, revision))
     return folder
@@ -207,6 +200,42 @@ def _is_connection_error(e: BaseException) -> bool:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+
+
+@contextmanager
+def _library_warnings_as_one_note() -> Iterator[None]:
+    """huggingface_hub's warnings off for one download, but for one line when it retries.
+
+    It logs two lines per retry of a failing request (a dozen before it gives up, half a minute
+    later), and a warning for an empty pattern match that our own error already explains. The
+    user needs one thing from all that: why nothing seems to happen while it waits.
+    """
+    library = logging.getLogger("huggingface_hub")
+    http = logging.getLogger("huggingface_hub.utils._http")  # where the retry loop logs
+    first_problem: list[str] = []
+
+    class RetryNote(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            message = record.getMessage()
+            if " thrown while requesting " in message and not first_problem:
+                first_problem.append(message.split(" thrown while requesting ", 1)[0].strip("'"))
+            elif message.startswith(("Retrying in", "Rate limited")) and len(first_problem) == 1:
+                first_problem.append("noted")
+                print(f"The hub request failed ({first_problem[0]}); retrying for up to half "
+                      "a minute", file=sys.stderr, flush=True)
+            return False  # never the library's own lines
+
+    note = RetryNote()
+    levels = library.level, http.level
+    library.setLevel(logging.ERROR)
+    http.setLevel(logging.WARNING)
+    http.addFilter(note)
+    try:
+        yield
+    finally:
+        http.removeFilter(note)
+        library.setLevel(levels[0])
+        http.setLevel(levels[1])
 
 
 @contextmanager

@@ -114,6 +114,9 @@ class FakeHub:
                                       "X-Error-Message": "Access to this model is restricted"})
             return
         content = repo["files"].get(name)
+        if name.endswith(".safetensors") and repo.get("weights_status"):
+            self.send(req, repo["weights_status"], b"", {"X-Repo-Commit": sha})
+            return
         if content is None:
             self.send(req, 404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha})
             return
@@ -310,3 +313,17 @@ def test_a_server_error_wrapped_as_not_found_locally_is_named_as_the_hubs():
         message = describe_hub_error(wrapped, "tiny-org/tiny", None)
     assert "HTTP 500" in message and "try again later" in message, message
     assert "network" not in message
+
+
+def test_a_failing_hub_gives_one_line_not_the_librarys_retry_warnings(tiny_checkpoints, tmp_path):
+    """huggingface_hub logged two warnings per retry (a dozen lines) before it gave up on a 5xx."""
+    with FakeHub() as hub:
+        hub.add_repo("tiny-org/down", repo_files(tiny_checkpoints["gqa"]))
+        hub.repos["tiny-org/down"]["weights_status"] = 503
+        out = tmp_path / "out"
+        code, _, err = run(["tiny-org/down", "-o", out], tmp_path / "hf_home", hub.url)
+    # one line while it waits (why nothing happens for half a minute), one for the failure
+    assert code == 1 and len(err) == 2, err
+    assert "HTTP Error 503" in err[0] and "retrying" in err[0] and "http://" not in err[0], err[0]
+    assert "503" in err[1] and "try again later" in err[1], err[1]
+    assert not out.exists()
