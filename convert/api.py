@@ -25,9 +25,9 @@ import mlx.core as mx
 from mlx_llama.config import ModelConfig
 from mlx_llama.errors import MlxLlamaError
 
-from .mapping import QUANT_PARTS, map_weights
-from .quantize import (QuantRecipe, QuantSpec, plan_tensor, quantization_block, requested_spec,
-                       spec_from_block)
+from .mapping import QUANT_PARTS, map_weights, natural_key
+from .quantize import (VALID_BITS, VALID_GROUP_SIZES, QuantRecipe, QuantSpec, plan_tensor,
+                       quantization_block, requested_spec, spec_from_block)
 from .safetensors_source import COPIED_FILES, COPIED_PATTERNS, INDEX_FILE, read_folder
 from .source import SourceModel
 from .writer import check_destination, staged_folder, write_json, write_weights
@@ -246,6 +246,8 @@ def plan_tensors(
             "the source is already quantized: quantizing it again would stack two rounding "
             "errors; drop -q to keep its quantization, or convert the original float model"
         )
+    for module in sorted(prequantized, key=natural_key):
+        check_packed(module, weights, spec_from_block(module, source_quantization))
     for name in list(weights):
         array = weights.pop(name)
         module = name.rsplit(".", 1)[0]
@@ -270,6 +272,26 @@ def plan_tensors(
         plan.tensors += [(f"{module}.weight", wq), (f"{module}.scales", scales),
                          (f"{module}.biases", biases)]
     return plan
+
+
+def check_packed(module: str, weights: dict[str, mx.array], spec: QuantSpec) -> None:
+    """The config's bits and group size must be the ones the packed tensors were made with.
+
+    Packed codes hold 32/bits columns per uint32 and scales one value per group, so both give
+    the input width; a config that disagrees would load into garbage (or a broken shape).
+    """
+    packed, scales = weights[f"{module}.weight"], weights[f"{module}.scales"]
+    if spec.bits not in VALID_BITS or spec.group_size not in VALID_GROUP_SIZES:
+        raise MlxLlamaError(
+            f"the source's quantization block gives {module} {spec.bits}-bit, group size "
+            f"{spec.group_size}, which MLX cannot read: the config is damaged; convert the "
+            "original float model")
+    width = packed.shape[-1] * 32 // spec.bits
+    if packed.ndim != 2 or scales.ndim != 2 or width != scales.shape[-1] * spec.group_size:
+        raise MlxLlamaError(
+            f"{module} is packed as {tuple(packed.shape)} with scales {tuple(scales.shape)}, "
+            f"which does not fit the {spec.bits}-bit, group size {spec.group_size} its config "
+            "declares: the config and the weights do not belong together")
 
 
 def output_config(

@@ -365,3 +365,23 @@ def test_plain_quantization_does_not_load_numba(tiny_checkpoints, tmp_path):
                             timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("block, match", [
+    ({"bits": 8}, "does not fit the 8-bit, group size 64"),
+    ({"group_size": 32}, "does not fit the 4-bit, group size 32"),
+    ({"bits": 0}, "0-bit, group size 64, which MLX cannot read"),
+])
+def test_a_quantization_block_that_does_not_match_the_packed_weights(tiny_checkpoints, tmp_path,
+                                                                     block, match):
+    """A wrong `bits` in an MLX folder's config passed the checks and failed only in the final
+    verification, with a 'please report this' naming the temporary folder."""
+    first = convert(tiny_checkpoints["tied"], tmp_path / "a", quantize=True, progress=False)
+    config = json.loads((first / "config.json").read_text())
+    for key in ("quantization", "quantization_config"):
+        config[key] = {**config[key], **block}
+    (first / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MlxLlamaError, match=match) as e:
+        convert(first, tmp_path / "b", progress=False)
+    assert "report" not in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "b").exists()
