@@ -25,7 +25,7 @@ import mlx.core as mx
 from mlx_llama.config import ModelConfig
 from mlx_llama.errors import MlxLlamaError
 
-from .mapping import QUANT_PARTS, map_weights, natural_key
+from .mapping import map_weights, natural_key
 from .quantize import (VALID_BITS, VALID_GROUP_SIZES, QuantRecipe, QuantSpec, plan_tensor,
                        quantization_block, requested_spec, spec_from_block)
 from .safetensors_source import COPIED_FILES, COPIED_PATTERNS, INDEX_FILE, read_folder
