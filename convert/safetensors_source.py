@@ -40,6 +40,9 @@ INDEX_FILE = "model.safetensors.index.json"
 # safetensors dtype -> bytes per element (the ones MLX can load).
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4,
                "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# Valid safetensors types that MLX cannot load (F64) or that need a checkpoint-specific
+# dequantization (the F8 variants of FP8 checkpoints): a clear refusal, not "corrupt".
+UNCONVERTIBLE_DTYPES = ("F64",)
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -154,6 +157,12 @@ def check_header(path: Path) -> list[str]:
             continue
         try:
             dtype, shape, (start, stop) = info["dtype"], info["shape"], info["data_offsets"]
+            if not all(type(n) is int for n in (start, stop, *shape)):
+                raise TypeError("offsets and shape must be whole numbers")
+            if dtype in UNCONVERTIBLE_DTYPES or str(dtype).startswith("F8"):
+                raise MlxLlamaError(
+                    f"{path}: tensor {name} is stored as {dtype}, which mlx-llama does not "
+                    "convert: use a float32, float16 or bfloat16 checkpoint of the model")
             expected = DTYPE_SIZES[dtype] * math.prod(shape)
         except (KeyError, TypeError, ValueError):
             raise _corrupt(path, f"tensor {name} has a malformed or unsupported entry") from None

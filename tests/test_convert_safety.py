@@ -79,6 +79,33 @@ def test_corrupt_header(src, tmp_path, capsys, damage, match):
     assert_clean_failure(code, lines, tmp_path, out, {}, match)
 
 
+@pytest.mark.parametrize("dtype, match", [
+    ("F64", "is stored as F64, which mlx-llama does not convert"),  # was "corrupt"
+    ("F8_E4M3", "is stored as F8_E4M3, which mlx-llama does not convert"),  # was "corrupt"
+    ("F32", "malformed or unsupported entry"),  # string offsets below: was a TypeError traceback
+])
+def test_header_dtypes_and_offsets(src, tmp_path, capsys, dtype, match):
+    import json
+    import struct
+
+    weights = src / "model.safetensors"
+    raw = weights.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    name = next(k for k in header if k != "__metadata__")
+    entry = header[name]
+    if dtype == "F32":
+        entry["data_offsets"] = [str(n) for n in entry["data_offsets"]]
+    else:
+        entry["dtype"] = dtype
+    new_header = json.dumps(header).encode()
+    new_header += b" " * (-len(new_header) % 8)
+    weights.write_bytes(struct.pack("<Q", len(new_header)) + new_header + raw[8 + length:])
+    out = tmp_path / "out"
+    code, lines = run_cli([src, "-o", out], capsys)
+    assert_clean_failure(code, lines, tmp_path, out, {}, match)
+
+
 def test_config_without_weights(src, tmp_path, capsys):
     (src / "model.safetensors").unlink()
     out = tmp_path / "out"
