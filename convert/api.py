@@ -419,10 +419,22 @@ def verify_folder(folder: Path) -> None:
             "files are the original model's"
         ) from None
     if not finite:
-        raise MlxLlamaError(
-            "the converted model produces non-finite logits: the source weights overflow the "
-            "chosen dtype (try --dtype bfloat16 or float32)"
-        )
+        raise MlxLlamaError(_non_finite_reason(folder))
+
+
+def _non_finite_reason(folder: Path) -> str:
+    """Why the logits are NaN/inf: a damaged source, a dtype too narrow, or the arithmetic."""
+    for path in sorted(folder.glob("*.safetensors")):
+        for name, array in mx.load(str(path)).items():  # lazy: one tensor read at a time
+            if mx.issubdtype(array.dtype, mx.floating) and not mx.all(mx.isfinite(array)).item():
+                if array.dtype == mx.float32:
+                    return (f"the source's tensor {name} holds NaN or infinite values: the "
+                            "checkpoint is damaged; download or export it again")
+                return (f"tensor {name} holds NaN or infinite values as {str(array.dtype).rsplit('.', 1)[-1]}: the "
+                        "source's values overflow that dtype (try --dtype float32), or the "
+                        "checkpoint is damaged")
+    return ("the converted model produces non-finite logits although its weights are finite: "
+            "their values overflow the compute dtype (try --dtype float32)")
 
 
 def _write_error(e: OSError, out: Path, nbytes: int) -> str:

@@ -106,6 +106,24 @@ def test_header_dtypes_and_offsets(src, tmp_path, capsys, dtype, match):
     assert_clean_failure(code, lines, tmp_path, out, {}, match)
 
 
+@pytest.mark.parametrize("value, extra, match", [
+    # a float32 source with a NaN was told "try --dtype bfloat16 or float32"
+    (float("nan"), [], "the source's tensor model.layers.0.mlp.down_proj.weight holds NaN"),
+    (1e6, ["--dtype", "float16"], "holds NaN or infinite values as float16: the source"),
+])
+def test_non_finite_weights_are_named(src, tmp_path, capsys, value, extra, match):
+    import mlx.core as mx
+
+    weights = src / "model.safetensors"
+    tensors = dict(mx.load(str(weights)))
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors[name] = mx.full(tensors[name].shape, value, tensors[name].dtype)
+    mx.save_safetensors(str(weights), tensors, metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, lines = run_cli([src, "-o", out, *extra], capsys)
+    assert_clean_failure(code, lines, tmp_path, out, {}, match)
+
+
 def test_config_without_weights(src, tmp_path, capsys):
     (src / "model.safetensors").unlink()
     out = tmp_path / "out"
