@@ -40,6 +40,30 @@ def _require(md: dict[str, Any], key: str, name: str) -> Any:
     return value
 
 
+def _whole(md: dict[str, Any], key: str, name: str, default: int | None = None,
+           minimum: int = 1) -> int:
+    """An integer field, checked: a damaged or hand-edited file fails naming its key."""
+    value = _require(md, key, name) if default is None or key in md else default
+    if isinstance(value, (bool, str)) or not isinstance(value, (int, float, np.integer)) or (
+            value != int(value)):
+        raise MlxLlamaError(f"{name} has '{key}' = {value!r}, which is not a whole number: the "
+                            "file is damaged; download or re-create it")
+    if int(value) < minimum:
+        raise MlxLlamaError(f"{name} has '{key}' = {value}, which must be at least {minimum}: "
+                            "the file is damaged; download or re-create it")
+    return int(value)
+
+
+def _real(md: dict[str, Any], key: str, name: str, default: float) -> float:
+    """A positive float field (epsilons, RoPE bases), checked like `_whole`."""
+    value = _require(md, key, name) if key in md else default
+    if isinstance(value, (bool, str)) or not isinstance(value, (int, float, np.floating)) or not (
+            math.isfinite(value) and value > 0):
+        raise MlxLlamaError(f"{name} has '{key}' = {value!r}, which is not a positive number: "
+                            "the file is damaged; download or re-create it")
+    return float32_value(value)
+
+
 def build_config(
     md: dict[str, Any],
     name: str,
@@ -51,27 +75,26 @@ def build_config(
 ) -> dict[str, Any]:
     """config.json content for the model a GGUF describes (see module docstring)."""
     key = lambda k: f"{ARCH}.{k}"  # noqa: E731
-    hidden = int(_require(md, key("embedding_length"), name))
-    heads = int(_require(md, key("attention.head_count"), name))
-    kv_heads = int(_require(md, key("attention.head_count_kv"), name)
-                   if key("attention.head_count_kv") in md else heads)
-    head_dim = int(
-        md.get(key("attention.key_length"), md.get(key("rope.dimension_count"), hidden // heads))
-    )
+    hidden = _whole(md, key("embedding_length"), name)
+    heads = _whole(md, key("attention.head_count"), name)
+    kv_heads = _whole(md, key("attention.head_count_kv"), name, default=heads)
+    head_dim = _whole(md, key("attention.key_length"), name,
+                      default=_whole(md, key("rope.dimension_count"), name,
+                                     default=max(hidden // heads, 1)))
     _check_head_dims(md, head_dim, name)
-    rope_theta = float32_value(md.get(key("rope.freq_base"), 10000.0))
-    context = int(md.get(key("context_length"), 2048))
+    rope_theta = _real(md, key("rope.freq_base"), name, 10000.0)
+    context = _whole(md, key("context_length"), name, default=2048)
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": hidden,
-        "intermediate_size": int(_require(md, key("feed_forward_length"), name)),
-        "num_hidden_layers": int(_require(md, key("block_count"), name)),
+        "intermediate_size": _whole(md, key("feed_forward_length"), name),
+        "num_hidden_layers": _whole(md, key("block_count"), name),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": float32_value(md.get(key("attention.layer_norm_rms_epsilon"), 1e-5)),
+        "rms_norm_eps": _real(md, key("attention.layer_norm_rms_epsilon"), name, 1e-5),
         "rope_theta": rope_theta,
         "rope_scaling": rope_scaling(md, name, head_dim, rope_theta, rope_freqs),
         "max_position_embeddings": context,
@@ -88,7 +111,7 @@ def build_config(
         ("pad_token_id", "padding_token_id"),
     ):
         if f"tokenizer.ggml.{meta_key}" in md:
-            config[field] = int(md[f"tokenizer.ggml.{meta_key}"])
+            config[field] = _whole(md, f"tokenizer.ggml.{meta_key}", name, minimum=0)
     return config
 
 
@@ -96,12 +119,12 @@ def _check_head_dims(md: dict[str, Any], head_dim: int, name: str) -> None:
     """Llama rotates the whole head and uses one head size for keys and values."""
     for k in ("rope.dimension_count", "attention.value_length"):
         value = md.get(f"{ARCH}.{k}")
-        if value is not None and int(value) != head_dim:
+        if value is not None and _whole(md, f"{ARCH}.{k}", name) != head_dim:
             raise MlxLlamaError(
                 f"{name} has {ARCH}.{k}={value} but a head size of {head_dim}; partial rotary or "
                 "mismatched key/value sizes are not Llama: this model is not supported"
             )
-    if int(md.get(f"{ARCH}.expert_count", 0) or 0) > 0:
+    if _whole(md, f"{ARCH}.expert_count", name, default=0, minimum=0) > 0:
         raise MlxLlamaError(
             f"{name} is a mixture-of-experts model (llama.expert_count="
             f"{md[f'{ARCH}.expert_count']}); only dense Llama models are supported"

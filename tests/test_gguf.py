@@ -238,20 +238,25 @@ def write_tiny_gguf(
     arch: str = "llama",
     types: dict[str, Q] | None = None,
     rope_freqs: np.ndarray | None = None,
+    metadata: dict[str, int | float | str] | None = None,
 ) -> Path:
     """A 2-layer Llama GGUF with random weights; `vocab` is a SentencePiece model file or a
-    function that writes the tokenizer metadata and returns the vocabulary size."""
+    function that writes the tokenizer metadata and returns the vocabulary size. `metadata`
+    replaces `{arch}.*` hyper-parameters (key without the prefix), e.g. to damage one."""
     types = {**TINY_TYPES, **(types or {})}
     writer = GGUFWriter(str(path), arch)
-    writer.add_block_count(TINY["layers"])
-    writer.add_context_length(256)
-    writer.add_embedding_length(TINY["hidden"])
-    writer.add_feed_forward_length(TINY["ffn"])
-    writer.add_head_count(TINY["heads"])
-    writer.add_head_count_kv(TINY["kv_heads"])
-    writer.add_rope_dimension_count(TINY["hidden"] // TINY["heads"])
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(10000.0)
+    fields = {
+        "block_count": TINY["layers"], "context_length": 256,
+        "embedding_length": TINY["hidden"], "feed_forward_length": TINY["ffn"],
+        "attention.head_count": TINY["heads"], "attention.head_count_kv": TINY["kv_heads"],
+        "rope.dimension_count": TINY["hidden"] // TINY["heads"],
+        "attention.layer_norm_rms_epsilon": 1e-5, "rope.freq_base": 10000.0,
+        **(metadata or {}),
+    }
+    for key, value in fields.items():
+        add = (writer.add_string if isinstance(value, str) else
+               writer.add_float32 if isinstance(value, float) else writer.add_int32)
+        add(f"{arch}.{key}", value)
     n_vocab = vocab(writer) if callable(vocab) else write_spm_vocab(writer, vocab)
     for name, w in tiny_tensors(n_vocab).items():
         part = name.split(".")[-1]
@@ -540,6 +545,20 @@ def test_ids_past_the_embedding_table_are_refused(tmp_path, llama_sp_model, opti
     behind); tokens past it gave non-finite logits."""
     path = write_tiny_gguf(tmp_path / "bad.gguf", spm_vocab_writer(llama_sp_model, **options))
     with pytest.raises(MlxLlamaError, match=f"inconsistent.*{match}"):
+        read_gguf(path)
+
+
+@pytest.mark.parametrize("metadata, match", [
+    ({"attention.head_count": 0}, "'llama.attention.head_count' = 0, which must be at least 1"),
+    ({"block_count": "two"}, "'llama.block_count' = 'two', which is not a whole number"),
+    ({"embedding_length": -64}, "'llama.embedding_length' = -64, which must be at least 1"),
+    ({"rope.freq_base": "fast"}, "'llama.rope.freq_base' = 'fast', which is not a positive"),
+    ({"attention.layer_norm_rms_epsilon": 0.0}, "layer_norm_rms_epsilon' = 0.0, which is not a"),
+])
+def test_damaged_hyper_parameters_are_named(tmp_path, llama_sp_model, metadata, match):
+    """A zero head count was a ZeroDivisionError, a string one a ValueError, with no key named."""
+    path = write_tiny_gguf(tmp_path / "bad.gguf", llama_sp_model, metadata=metadata)
+    with pytest.raises(MlxLlamaError, match=match):
         read_gguf(path)
 
 
