@@ -90,15 +90,12 @@ def read_calibration_text(spec: str | Path) -> str:
     """`builtin` -> the shipped text; anything else is a path to a UTF-8 text file."""
     if str(spec) == "builtin":
         return BUILTIN.read_text(encoding="utf-8")
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise MlxLlamaError(
-            f"calibration text {spec} does not exist: give a UTF-8 text file, or 'builtin'"
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise MlxLlamaError(f"{spec} is not UTF-8 text ({e.reason}): convert it to UTF-8") from None
+    from mlx_llama.perplexity import read_text
+
+    try:  # one reader, so --eval and --calibrate say the same about the same file
+        text = read_text(str(Path(spec).expanduser()))
+    except MlxLlamaError as e:
+        raise MlxLlamaError(f"--calibrate: {e}, or 'builtin'") from None
     if len(text.split()) < 50:
         raise MlxLlamaError(
             f"calibration text {spec} is too short ({len(text.split())} words): give a few "

@@ -192,6 +192,9 @@ def read_text(path: str) -> str:
         return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise MlxLlamaError(f"{path} is not UTF-8 text ({e.reason}): convert it to UTF-8") from None
+    except OSError as e:  # unreadable: permissions, a broken mount
+        raise MlxLlamaError(f"text file {path} cannot be read ({e.strerror or e}): check its "
+                            "permissions") from None
 
 
 def run(args: argparse.Namespace) -> int:

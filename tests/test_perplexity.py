@@ -231,3 +231,20 @@ def test_cli_default_context_is_clamped_to_the_model(tiny_checkpoints, tmp_path,
     assert main(["perplexity", "-m", str(folder), "--text", str(text)]) == 0
     captured = capsys.readouterr()
     assert "context 64, stride 64" in captured.out and "\r" not in captured.err
+
+
+def test_an_unreadable_text_is_one_line(tmp_path, monkeypatch):
+    """A permission error reading --text / --eval / --calibrate was a traceback."""
+    from pathlib import Path
+
+    from mlx_llama.perplexity import read_text
+
+    path = tmp_path / "locked.txt"
+    path.write_text("hello")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(MlxLlamaError, match="cannot be read \\(Permission denied\\)"):
+        read_text(str(path))

@@ -426,6 +426,8 @@ def test_user_errors_are_one_line(trained, tmp_path, capsys):
     empty.write_text(" \n")
     cases = [
         (["-q", "--calibrate", str(tmp_path / "missing.txt")], "does not exist"),
+        (["-q", "--calibrate", str(tmp_path)], "is a folder"),  # was "does not exist"
+        (["--eval", str(tmp_path)], "is a folder"),
         (["--method", "gptq"], "--method only applies when quantizing: add -q"),
         (["--bits", "8", "--calibrate", "builtin"], "--bits, --calibrate only apply when quantizing"),
         (["--bpw", "4.5", "--bits", "8"], "so --bits would be ignored"),
