@@ -152,8 +152,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print_stats(last)
         if last.finish_reason == "length" and (args.max_tokens == -1
                                                or last.generation_tokens < args.max_tokens):
+            flag = ("a prompt cache made with --max-kv-size" if cache.saved_prompt is not None
+                    else "--max-kv-size")
             print(f"note: stopped after {last.generation_tokens} tokens, at the end of the "
-                  "model's context (--max-kv-size lets a rotating cache go on)", file=sys.stderr)
+                  f"model's context ({flag} lets a rotating cache go on)", file=sys.stderr)
     return 0
 
 

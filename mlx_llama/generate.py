@@ -216,6 +216,16 @@ def context_length(model) -> int:
     return model.config.max_position_embeddings
 
 
+def rotating_cache_hint(cache: PromptCache | None, limit: int) -> str:
+    """How to go past the context: the flag, or for a loaded prompt-cache file (which keeps
+    the kind it was saved with, so the flag would be refused) a file made with it."""
+    if cache is not None and getattr(cache, "saved_prompt", None) is not None:
+        return (f"re-create the prompt cache with a rotating cache no larger than the context "
+                f"(`mlx-llama cache-prompt ... --max-kv-size {limit}`) to slide past it")
+    return (f"use a rotating cache no larger than the context (--max-kv-size {limit} or less) "
+            "to slide past it")
+
+
 def attends_within_context(cache: PromptCache | None, limit: int) -> bool:
     """Whether every layer's cache is a window no wider than the context (`--max-kv-size`).
 
@@ -297,8 +307,7 @@ def stream_generate(
         if len(tokens) >= limit:
             raise MlxLlamaError(
                 f"the prompt has {len(tokens)} tokens but the model's context is {limit}: "
-                f"shorten it, or use a rotating cache no larger than the context "
-                f"(--max-kv-size {limit} or less) to slide past it"
+                f"shorten it, or {rotating_cache_hint(cache, limit)}"
             )
         max_tokens = min(max_tokens, limit - len(tokens))
     if cache is None:

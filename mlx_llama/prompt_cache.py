@@ -297,7 +297,7 @@ def _check_shapes(state: Sequence[mx.array], model: nn.Module) -> None:
 def cache_prompt(model, tokenizer, saved: SavedPrompt, kind: str = "default",
                  chunk: int = 512, **options) -> PromptCache:
     """Prefill the tokens of `saved` into a fresh cache of `kind`; returns it, ready to save."""
-    from .generate import attends_within_context, prefill
+    from .generate import attends_within_context, prefill, rotating_cache_hint
 
     tokens = prefix_tokens(tokenizer, saved)
     if not tokens:
@@ -306,8 +306,7 @@ def cache_prompt(model, tokenizer, saved: SavedPrompt, kind: str = "default",
     cache = PromptCache(partial(model.make_cache, kind, **options))
     if len(tokens) >= limit and not attends_within_context(cache, limit):  # as generate does
         raise MlxLlamaError(f"the prompt has {len(tokens)} tokens but the model's context is "
-                            f"{limit}: shorten it, or use a rotating cache no larger than the "
-                            f"context (--max-kv-size {limit} or less) to slide past it")
+                            f"{limit}: shorten it, or {rotating_cache_hint(None, limit)}")
     prefill(model, tokens, cache.layers, chunk)
     mx.eval([c.state for c in cache.layers])
     cache.tokens = list(tokens)

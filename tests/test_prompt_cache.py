@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -418,3 +419,42 @@ def test_a_rotating_cache_takes_a_prompt_longer_than_the_context(tiny, monkeypat
 def test_a_folder_given_as_the_prompt_cache_is_named_as_one(tmp_path):
     with pytest.raises(MlxLlamaError, match="is a folder"):
         pc.read_file(tmp_path)
+
+
+def test_past_the_context_a_loaded_file_is_told_to_be_re_made_rotating(tiny, good_file,
+                                                                        monkeypatch):
+    """The hint said `--max-kv-size`, which a loaded file then refuses (it keeps its kind)."""
+    import dataclasses
+
+    from mlx_llama.generate import stream_generate
+
+    model, tok = tiny
+    cache = pc.load_prompt_cache(good_file, model)
+    limit = len(cache.tokens) + 4
+    monkeypatch.setattr(model, "config",
+                        dataclasses.replace(model.config, max_position_embeddings=limit))
+    prompt = cache.saved_prompt.continued(" and they hum to each other when they are worried")
+    with pytest.raises(MlxLlamaError, match=r"re-create the prompt cache .*cache-prompt .*"
+                                            rf"--max-kv-size {limit}"):
+        list(stream_generate(model, tok, prompt, 4, cache=cache))
+    with pytest.raises(MlxLlamaError, match=rf"use a rotating cache .*--max-kv-size {limit} or"):
+        list(stream_generate(model, tok, prompt, 4))
+
+
+def test_cli_note_at_the_end_of_the_context_names_what_works(folders, tmp_path):
+    """With --prompt-cache the note said '--max-kv-size lets a rotating cache go on', a flag
+    the loaded file then refuses."""
+    folder = tmp_path / "short"
+    shutil.copytree(folders["a"], folder)
+    _, tok = load(folders["a"])
+    limit = len(tok.encode(PREFIX + MORE)) + 6
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": limit}))
+    path = str(tmp_path / "p.safetensors")
+    assert run_cli("cache-prompt", "-m", str(folder), "-p", PREFIX, "-o", path).returncode == 0
+    for extra, flag in ((["--prompt-cache", path, "-p", MORE], "a prompt cache made with --max-kv"),
+                        (["-p", PREFIX + MORE], "(--max-kv-size lets")):
+        result = run_cli("generate", "-m", str(folder), *extra, "--max-tokens", "-1", "--temp", "0")
+        assert result.returncode == 0, result.stderr
+        assert "at the end of the model's context" in result.stderr and flag in result.stderr, \
+            result.stderr
