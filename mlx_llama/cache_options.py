@@ -105,4 +105,7 @@ def continue_prompt(cache: PromptCache, prompt, chat: bool | None):
                 "(the saved one is used) or re-create the cache with this one"
             )
         prompt = next(m["content"] for m in prompt if m.get("role") == "user")
+    from .tokenizer import check_utf8
+
+    check_utf8(prompt)  # here, so a bad character's position is in the user's text, not the sum
     return saved.continued(prompt), saved.chat

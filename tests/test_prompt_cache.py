@@ -458,3 +458,13 @@ def test_cli_note_at_the_end_of_the_context_names_what_works(folders, tmp_path):
         assert result.returncode == 0, result.stderr
         assert "at the end of the model's context" in result.stderr and flag in result.stderr, \
             result.stderr
+
+
+def test_a_bad_byte_after_a_prompt_cache_is_placed_in_the_users_text(tiny, good_file):
+    """The position counted the saved prompt's characters too."""
+    from mlx_llama.cache_options import continue_prompt
+
+    model, _ = tiny
+    cache = pc.load_prompt_cache(good_file, model)
+    with pytest.raises(MlxLlamaError, match="byte 0xff at character 3\\)"):
+        continue_prompt(cache, "abc\udcffdef", None)
