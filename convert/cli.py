@@ -166,8 +166,10 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point: returns the exit status (0, or 1 after one error line)."""
+    from mlx_llama.cli import terminate_like_interrupt
     from mlx_llama.errors import MlxLlamaError
 
+    terminate_like_interrupt()  # `kill`/`timeout` clean up the temporary folder as Ctrl-C does
     parser = configure_parser(OneLineParser(prog="mlx-llama convert", description=DESCRIPTION))
     args = parser.parse_args(argv)
     try:

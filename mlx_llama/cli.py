@@ -2,7 +2,8 @@
 
 The CLI is the front door over both packages: `convert` and the bundled default model are
 served by the `convert` package (imported only when those are used), everything else by
-the runtime. A user error prints one line and exits 1; Ctrl-C exits 130 without a traceback.
+the runtime. A user error prints one line and exits 1; Ctrl-C exits 130 without a traceback,
+and SIGTERM / SIGHUP unwind the same way (exit 143 / 129), so a conversion cleans up after them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -165,6 +167,31 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_repl(args)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, like Ctrl-C: every cleanup that Ctrl-C
+    runs (a conversion's temporary folder, a prompt cache's partial file) runs for `kill`,
+    `timeout` and a closed terminal too, instead of the process dying with them left behind."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def terminate_like_interrupt() -> None:
+    """Install `Terminated` for SIGTERM and SIGHUP where they still have the default action
+    (a server that installs its own graceful shutdown later replaces these)."""
+    def interrupt(signum, _frame):
+        raise Terminated(signum)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)  # (no SIGHUP on Windows)
+        try:
+            if number is not None and signal.getsignal(number) is signal.SIG_DFL:
+                signal.signal(number, interrupt)
+        except ValueError:  # not the main thread (main() called from a library's thread)
+            return
+
+
 def reopen_closed_standard_streams() -> None:
     """Run with file descriptor 0, 1 or 2 closed (`mlx-llama ... <&-`, some launchers), the
     next file opened takes its number: MLX would read the weights through "standard input" and
@@ -226,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:  # parsing is inside: building the parser imports every subcommand (a Ctrl-C lands there)
         reopen_closed_standard_streams()
+        terminate_like_interrupt()
         parser = build_parser()
         args, stray = parser.parse_known_args(argv)
         if stray:  # argparse would point at `mlx-llama --help`, not at the command's own help
@@ -234,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     except MlxLlamaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Terminated as e:
+        print(f"\nterminated ({signal.Signals(e.signum).name})", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -412,3 +412,13 @@ def test_ctrl_c_while_the_parser_imports_the_subcommands_is_not_a_traceback(monk
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert cli.main(["generate"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_sigterm_unwinds_like_ctrl_c_with_its_own_exit_status():
+    """SIGTERM killed the process where it stood (no cleanup, no message)."""
+    code = ("import os, signal, sys\n"
+            "import mlx_llama.cli as cli\n"
+            "cli.build_parser = lambda: os.kill(os.getpid(), signal.SIGTERM)\n"
+            "sys.exit(cli.main([]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 143 and proc.stderr.strip() == "terminated (SIGTERM)", proc.stderr

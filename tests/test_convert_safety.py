@@ -207,6 +207,35 @@ def test_ctrl_c_mid_way_leaves_old_output_intact(src, old_out, tmp_path, capsys,
     assert_clean_failure(code, lines, tmp_path, old_out, before, "interrupted")
 
 
+TERMINATED_MID_WAY = """
+import os, signal, sys
+import convert.writer as writer
+from mlx_llama.cli import main
+real, calls = writer.write_safetensors, []
+def write(path, *args, **kwargs):
+    calls.append(path)
+    if len(calls) == 2:
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return real(path, *args, **kwargs)
+writer.write_safetensors = write
+sys.exit(main(["convert", *sys.argv[2:]]))
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_kill_mid_way_cleans_up_like_ctrl_c(src, old_out, tmp_path, name):
+    """`kill` / `timeout` / a closed terminal left the whole temporary folder behind."""
+    before = snapshot(old_out)
+    proc = subprocess.run(
+        [sys.executable, "-c", TERMINATED_MID_WAY, name, str(src), "-o", str(old_out), "--force",
+         "--shard-size", "100KB", "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and lines == [lines[0]] and "interrupted" in lines[0], proc.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
+    assert snapshot(old_out) == before
+
+
 def test_full_disk(src, old_out, tmp_path, capsys, monkeypatch):
     interrupt_on_shard(monkeypatch, 2, OSError(errno.ENOSPC, "No space left on device"))
     before = snapshot(old_out)
