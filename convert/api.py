@@ -140,7 +140,7 @@ def convert(
             write_extra_files(tmp, source.files)
             write_json(tmp / "config.json", config)
             summary = describe(plan, recipe, config, total_bytes)
-            (tmp / "README.md").write_text(model_card(out.name, source, summary))
+            (tmp / "README.md").write_text(model_card(Path(os.path.realpath(out)).name, source, summary))
             if verify:
                 verify_folder(tmp)
     except OSError as e:

@@ -138,29 +138,41 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+# Files a desktop drops into any folder it shows: a folder holding only these counts as empty.
+DESKTOP_JUNK = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".directory"})
+
+
 def check_destination(out: Path, force: bool) -> None:
     """Refuse an existing, non-empty destination unless `force` and it is a model folder
     (checked before any work, and again just before the old folder is replaced)."""
     if out.exists() and not out.is_dir():
         raise MlxLlamaError(f"{out} exists and is not a folder: choose another output path")
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir():
+        return
+    here = Path.cwd().resolve()  # even an empty one: it is renamed away under the user's shell
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise MlxLlamaError(
+            f"output folder {out} holds the current directory: run from elsewhere or choose "
+            "another output path"
+        )
+    entries = [p.name for p in out.iterdir() if p.name not in DESKTOP_JUNK]
+    if not entries:
         return
     if not force:
         raise MlxLlamaError(
             f"output folder {out} already exists: pass --force to replace it, or choose another path"
         )
-    # --force deletes the old folder: only ever a model folder, never e.g. `-o .` in a project.
-    visible = [p for p in out.iterdir() if not p.name.startswith(".")]  # .DS_Store and kin
-    if visible and not (out / "config.json").is_file():
+    # --force deletes the old folder: only ever a model folder, never e.g. `-o .` in a project
+    # or a fresh clone that holds nothing but its .git.
+    if not (out / "config.json").is_file():
         raise MlxLlamaError(
             f"output folder {out} is not a model folder (no config.json), so --force will not "
             "delete it: choose another output path"
         )
-    here = Path.cwd().resolve()
-    if out.resolve() == here or out.resolve() in here.parents:
+    if ".git" in entries:
         raise MlxLlamaError(
-            f"output folder {out} holds the current directory: run from elsewhere or choose "
-            "another output path"
+            f"output folder {out} is a git repository (it holds .git), so --force will not "
+            "delete it: convert into another folder and copy the files in"
         )
 
 
@@ -169,9 +181,10 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
     """Yield a fresh temporary folder next to `out`; on a clean exit, move it into place.
 
     On any exception (KeyboardInterrupt included) the temporary folder is deleted and `out`
-    is not touched.
+    is not touched. A symlinked `out` is written where it points (the link keeps working);
+    renaming over the link itself would put the model beside the link and orphan its target.
     """
-    out = Path(os.path.abspath(out))
+    out = Path(os.path.realpath(out))
     check_destination(out, force)
     made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # -o new/dirs/out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -356,6 +356,57 @@ def test_force_replaces_only_model_folders(src, tmp_path, capsys, monkeypatch):
     (mac / ".DS_Store").write_bytes(b"\0")  # what Finder leaves: still an empty folder
     code, _ = run_cli([src, "-o", mac, "--force"], capsys)
     assert code == 0 and (mac / "config.json").is_file()
+    mac_plain = tmp_path / "mac_plain"
+    mac_plain.mkdir()
+    (mac_plain / ".DS_Store").write_bytes(b"\0")
+    code, _ = run_cli([src, "-o", mac_plain], capsys)  # no --force needed for an empty folder
+    assert code == 0 and (mac_plain / "config.json").is_file()
+
+
+def test_force_never_deletes_a_repository_or_dot_files(src, tmp_path, capsys):
+    """A fresh clone (nothing but .git and dot-files) counted as empty, and --force deleted
+    it with its history; a model folder that is a git clone lost its .git the same way."""
+    clone = tmp_path / "clone"
+    (clone / ".git").mkdir(parents=True)
+    (clone / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    (clone / ".gitattributes").write_text("*.safetensors filter=lfs")
+    code, lines = run_cli([src, "-o", clone, "--force"], capsys)
+    assert code == 1 and "not a model folder" in lines[0], lines
+    (clone / "config.json").write_text("{}")
+    code, lines = run_cli([src, "-o", clone, "--force"], capsys)
+    assert code == 1 and len(lines) == 1 and "is a git repository" in lines[0], lines
+    assert (clone / ".git" / "HEAD").is_file() and (clone / ".gitattributes").is_file()
+    code, lines = run_cli([src, "-o", clone], capsys)
+    assert code == 1 and "already exists" in lines[0]
+
+
+def test_an_empty_current_directory_is_not_renamed_away(src, tmp_path, capsys, monkeypatch):
+    """`-o .` in an empty folder moved it aside under the user's shell (and the model card
+    got an empty name)."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, lines = run_cli([src, "-o", "."], capsys)
+    assert code == 1 and len(lines) == 1 and "holds the current directory" in lines[0], lines
+    assert here.is_dir() and Path.cwd() == here.resolve()
+
+
+def test_a_symlinked_output_is_written_where_it_points(src, tmp_path, capsys):
+    """The link was replaced by a folder beside it, its target left unchanged and a dangling
+    .OUT.old-* link left behind."""
+    target = tmp_path / "disk" / "model"
+    target.parent.mkdir()
+    link = tmp_path / "link_out"
+    link.symlink_to(target)  # dangling: the target does not exist yet
+    code, lines = run_cli([src, "-o", link], capsys)
+    assert code == 0, lines
+    assert link.is_symlink() and (target / "config.json").is_file()
+    (target / "marker").write_text("old")
+    code, lines = run_cli([src, "-o", link, "--force"], capsys)
+    assert code == 0 and not (target / "marker").exists() and link.is_symlink(), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "link_out", "src"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model"]
+    assert "# model" in (target / "README.md").read_text()
 
 
 @pytest.mark.parametrize("damage, match", [
