@@ -122,6 +122,7 @@ def convert(
         if count_eval_tokens(source.files, eval_text) < 2:
             raise MlxLlamaError(f"the --eval text {eval_text} has fewer than 2 tokens under "
                                 f"{src}'s tokenizer: give a longer text to score")
+    _refuse_other_quantization_modes(src, source.quantization)
     cfg = ModelConfig.from_dict(source.config)
     target = dtype or declared_dtype(source.config)
     weights = map_weights(source.weights, cfg)
@@ -198,6 +199,21 @@ def open_source(src: str | Path, revision: str | None, progress: bool) -> Source
     )
 
 
+def _refuse_other_quantization_modes(src: str | Path, block: dict | None) -> None:
+    """mxfp4/nvfp4/mxfp8 folders (mlx-lm `--q-mode`) pack without biases: the converter's
+    checks and its config block are affine-only, but the runtime reads them as they are."""
+    if block is None:
+        return
+    modes = {block.get("mode") or "affine"} | {
+        v.get("mode") or "affine" for v in block.values() if isinstance(v, dict)}
+    other = sorted(modes - {"affine"})
+    if other:
+        raise MlxLlamaError(
+            f"{src} is quantized in mode '{other[0]}', and the converter re-writes only affine "
+            f"quantization: run the folder as it is (`mlx-llama generate -m {src}`), or convert "
+            "the original float model")
+
+
 def _refuse_overwriting_source(src: str | Path, out: Path) -> None:
     """`--force` onto the source folder (or a folder holding it) would delete the source."""
     source = Path(src).expanduser()
@@ -244,7 +260,7 @@ def plan_tensors(
     if prequantized and recipe is not None:
         raise MlxLlamaError(
             "the source is already quantized: quantizing it again would stack two rounding "
-            "errors; drop -q to keep its quantization, or convert the original float model"
+            "errors; drop -q (and --bpw) to keep its quantization, or convert the original float model"
         )
     for module in sorted(prequantized, key=natural_key):
         check_packed(module, weights, spec_from_block(module, source_quantization))

@@ -197,9 +197,15 @@ def most_common(specs: dict[str, QuantSpec], fallback: QuantSpec) -> QuantSpec:
 def spec_from_block(module: str, block: dict) -> QuantSpec:
     """The (bits, group size) an mlx-lm `quantization` block gives `module`."""
     override = block.get(module)
-    source = override if isinstance(override, dict) else block
-    return QuantSpec(int(source.get("bits", block.get("bits", 4))),
-                     int(source.get("group_size", block.get("group_size", 64))))
+    source = override if isinstance(override, dict) else {}
+
+    def field(name: str, default: int) -> int:  # mlx-lm writes null for "the mode's default"
+        for value in (source.get(name), block.get(name)):
+            if value is not None:
+                return int(value)
+        return default
+
+    return QuantSpec(field("bits", 4), field("group_size", 64))
 
 
 def quantization_block(specs: dict[str, QuantSpec], default: QuantSpec) -> dict:

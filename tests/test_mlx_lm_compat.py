@@ -54,3 +54,26 @@ def test_our_folder_loads_in_mlx_lm(tiny_checkpoints, tmp_path, variant, options
     got = theirs(out)
     tolerance = 2e-2 if options.get("dtype") == "bfloat16" else 1e-4
     assert np.abs(expected - got).max() < tolerance
+
+
+def test_mlx_lm_mixed_and_mxfp4_folders_as_converter_sources(tiny_checkpoints, tmp_path):
+    """mlx-lm's mixed recipes write per-layer `"group_size": null` (a TypeError traceback in
+    our converter); its mxfp4 folders (no biases) were called mismatched config and weights."""
+    from mlx_lm import convert as mlx_lm_convert
+
+    from mlx_llama.errors import MlxLlamaError
+
+    mixed = tmp_path / "mixed"
+    mlx_lm_convert(str(tiny_checkpoints["gqa"]), str(mixed), quantize=True,
+                   quant_predicate="mixed_3_6")
+    block = json.loads((mixed / "config.json").read_text())["quantization"]
+    assert any(isinstance(v, dict) and v.get("group_size") is None for v in block.values())
+    again = convert(mixed, tmp_path / "again", progress=False)  # passed through bit for bit
+    assert np.abs(ours(again) - ours(mixed)).max() == 0
+
+    fp4 = tmp_path / "fp4"
+    mlx_lm_convert(str(tiny_checkpoints["gqa"]), str(fp4), quantize=True, q_mode="mxfp4",
+                   q_group_size=32)
+    with pytest.raises(MlxLlamaError, match="quantized in mode 'mxfp4'.*mlx-llama generate -m"):
+        convert(fp4, tmp_path / "fp4_again", progress=False)
+    assert not (tmp_path / "fp4_again").exists()
