@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -908,6 +909,51 @@ def test_serve_command_with_api_key_from_environment(chat_model_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_exiting_ends_a_running_stream_at_once(chat_model_dir, signum):
+    """Ctrl-C / SIGTERM let a running stream generate to its end (minutes for a long reply)
+    before the server exited: uvicorn waits for open connections before the app's shutdown."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_llama.server", "-m", str(chat_model_dir), "--port", str(port),
+         "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.1)
+        body = {"model": "tiny-chat", "prompt": "Llamas", "max_tokens": 6000, "stream": True,
+                "logit_bias": NO_EOS}
+        lines = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as reply:
+            for line in reply.iter_lines():
+                lines.append(line)
+                if len(lines) == 3:  # generating now
+                    sent = time.monotonic()
+                    os.kill(proc.pid, signum)
+        ended = time.monotonic() - sent
+        # uvicorn re-raises the signal once it has shut down: the usual exit status for it
+        assert proc.wait(30) == (130 if signum == signal.SIGINT else -signum)
+        events = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+        assert [x for x in lines if x][-1] == "data: [DONE]", lines[-3:]
+        assert events[-1]["error"]["message"] == "the server is shutting down; retry later"
+        assert events[-1]["error"]["code"] == "service_unavailable"
+        assert ended < 10 and len(events) < 1000, (ended, len(events))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def test_a_load_error_is_raised_only_once_the_worker_thread_has_ended(chat_model_dir,

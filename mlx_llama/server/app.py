@@ -37,7 +37,8 @@ from . import schemas as S
 from .formats import ChatFormat, CompletionFormat, sse
 from .gate import LOCAL_ORIGINS, GateMiddleware
 from .http_errors import APIError, error_json, install_error_handlers
-from .worker import Delta, Failed, Finished, GenerationWorker, Job, QueueFull, TokenLogprob
+from .worker import (Delta, Failed, Finished, GenerationWorker, Job, QueueFull, ShuttingDown,
+                     TokenLogprob)
 
 log = logging.getLogger("mlx_llama.server")
 
@@ -166,9 +167,15 @@ def new_job(ctx: ServerContext, prefix: str, tokens: list[int], max_tokens: int,
     return job, queue
 
 
+def shutting_down(e: ShuttingDown) -> APIError:
+    return APIError(503, str(e), type="server_error", code="service_unavailable")
+
+
 def submit(ctx: ServerContext, job: Job) -> None:
     try:
         ctx.worker.submit(job)
+    except ShuttingDown as e:
+        raise shutting_down(e) from None
     except QueueFull as e:
         raise APIError(429, f"the server is busy: {e.waiting} requests are already waiting; "
                        f"retry in {e.retry_after} s", type="rate_limit_error",
@@ -200,6 +207,8 @@ def log_request(job: Job, route: str, status: int, done: Finished | None, starte
 
 
 def error_of(failure: Failed) -> APIError:
+    if isinstance(failure.error, ShuttingDown):
+        return shutting_down(failure.error)
     if isinstance(failure.error, MlxLlamaError):
         return APIError(400, str(failure.error))
     return APIError(500, f"generation failed: {type(failure.error).__name__}: {failure.error}",

@@ -117,6 +117,11 @@ def run(args: argparse.Namespace) -> int:
     model_id = app.state.ctx.model_id
     log.info("serving %r (context %d tokens) on http://%s:%d/v1", model_id,
              worker.context_length, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                access_log=False)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # Ctrl-C, SIGTERM: end the streams now
+            worker.begin_shutdown()  # (uvicorn waits for open connections before shutdown)
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                          access_log=False)).run()
     return 0

@@ -50,6 +50,13 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class ShuttingDown(MlxLlamaError):
+    """A job refused or ended because the server is exiting (HTTP 503: retry elsewhere)."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; retry later")
+
+
 class Cancelled(Exception):
     """Raised inside the worker to abandon a job whose client has gone."""
 
@@ -254,6 +261,13 @@ class GenerationWorker:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel everything and end the thread."""
+        self.begin_shutdown()
+        self._thread.join(timeout)
+
+    def begin_shutdown(self) -> None:
+        """Refuse new jobs, fail the queued ones and stop the running one at its next token,
+        without waiting: safe from a signal handler on the event loop, so a server told to
+        exit ends its streams at once instead of generating them to the end first."""
         with self._cond:
             self._stopping = True
             waiting = list(self._queue)
@@ -262,8 +276,7 @@ class GenerationWorker:
                 self.current.cancel()
             self._cond.notify_all()
         for job in waiting:
-            self._safe_emit(job, Failed(MlxLlamaError("the server is shutting down; retry later")))
-        self._thread.join(timeout)
+            self._safe_emit(job, Failed(ShuttingDown()))
 
     @property
     def context_length(self) -> int:
@@ -288,7 +301,7 @@ class GenerationWorker:
         """Queue `job` (FIFO). Raises `QueueFull` when `max_queue` jobs are already waiting."""
         with self._cond:
             if self._stopping:
-                raise MlxLlamaError("the server is shutting down; retry later")
+                raise ShuttingDown()
             idle = self.current is None and not self._queue
             if not idle and len(self._queue) >= self.max_queue:
                 raise QueueFull(len(self._queue), self._retry_after(len(self._queue)))
@@ -413,7 +426,8 @@ class GenerationWorker:
             record.finish_reason = "cancelled"
             if record.tokens_after_cancel is None:
                 record.tokens_after_cancel = 0
-            self._safe_emit(job, Failed(MlxLlamaError("the request was cancelled")))
+            why = ShuttingDown() if self._stopping else MlxLlamaError("the request was cancelled")
+            self._safe_emit(job, Failed(why))
         except MlxLlamaError as e:
             record.finish_reason, record.error = "error", str(e)
             self._safe_emit(job, Failed(e))
