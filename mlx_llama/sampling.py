@@ -47,7 +47,9 @@ class SamplingParams:
             ("top_p", self.top_p, 0.0 <= self.top_p <= 1.0, "in [0, 1] (0 keeps only the best)"),
             ("top_k", self.top_k, self.top_k >= 0, ">= 0 (0 disables it)"),
             ("min_p", self.min_p, 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
-            ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0"),
+            # (far outside it float32 turns the penalised logits into inf or 0: NaN samples)
+            ("repetition_penalty", self.repetition_penalty,
+             1e-6 <= self.repetition_penalty <= 1e6, "in [1e-6, 1e6] (1 is no penalty)"),
             ("repetition_context_size", self.repetition_context_size,
              self.repetition_context_size > 0, "> 0"),
             ("frequency_penalty", self.frequency_penalty, -2 <= self.frequency_penalty <= 2,
@@ -119,7 +121,9 @@ def _min_p(logprobs: mx.array, min_p: float) -> mx.array:
 def make_sampler(params: SamplingParams) -> Sampler:
     """A compiled sampler for these settings; greedy when temperature is 0, top_k is 1 or
     top_p is 0 (OpenAI's range includes 0, and clients send it to mean "the best token")."""
-    if params.temperature == 0 or params.top_k == 1 or params.top_p == 0:
+    # Below 1e-30, 1/temperature overflows float32 and sampling would turn uniform; that
+    # close to 0 the limit, greedy, is what was asked for.
+    if params.temperature < 1e-30 or params.top_k == 1 or params.top_p == 0:
         return mx.compile(greedy)
     temperature, top_p, top_k, min_p = params.temperature, params.top_p, params.top_k, params.min_p
 

@@ -106,6 +106,12 @@ def test_frequency_and_presence_penalties_count_generated_tokens():
     assert pres[7] == pytest.approx(-0.5) and pres[9] == pytest.approx(-0.5) and pres[0] == 0
 
 
+def test_a_temperature_too_small_for_float32_is_greedy(flat_logits):
+    """1/1e-39 overflows float32: sampling turned uniform (a different token per seed)."""
+    assert set(draws(SamplingParams(temperature=1e-39), flat_logits, 50)) == {
+        int(flat_logits.argmax())}
+
+
 def test_logit_bias_bans_and_forces(flat_logits):
     best = int(flat_logits.argmax())
     banned = SamplingParams(temperature=1.0, logit_bias={best: -math.inf})
@@ -118,6 +124,8 @@ def test_logit_bias_bans_and_forces(flat_logits):
     "kwargs",
     [dict(temperature=-1), dict(top_p=-0.1), dict(top_p=1.5), dict(seed=-1), dict(seed=2**64), dict(top_k=-2), dict(min_p=2),
      dict(repetition_penalty=0), dict(frequency_penalty=3), dict(temperature=float("nan")),
+     # float32 makes these 0 and inf: the penalised logits became inf/NaN (a 500 in the server)
+     dict(repetition_penalty=1e-300), dict(repetition_penalty=1e300),
      dict(logit_bias={VOCAB + 5: 1.0})],
 )
 def test_invalid_values_are_one_line_errors(kwargs):

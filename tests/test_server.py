@@ -1115,3 +1115,21 @@ def test_prefix_store_counts_a_quantized_cache_still_in_full_precision():
     store = PrefixCacheStore(make, budget_bytes=10 * block_bytes)
     store.checkin(cache, 20)  # given back on the way in
     assert allocated_bytes(cache) == cache.nbytes == store.nbytes
+
+
+def test_impossible_tokens_get_a_json_number_as_logprob(chat_model_dir):
+    """A -inf or NaN log-probability made the reply a 500 ('Out of range float values are
+    not JSON compliant') and a streamed chunk's logprob null."""
+    import math
+    import types
+
+    import mlx.core as mx
+
+    from mlx_llama.tokenizer import load_tokenizer
+
+    fake = types.SimpleNamespace(tokenizer=load_tokenizer(chat_model_dir))
+    logprobs = mx.array([0.0, -math.inf, math.nan, -1.0] + [-math.inf] * 60)
+    item = GenerationWorker._logprob(fake, 1, logprobs, 3)
+    values = [item.logprob] + [value for _, value, _ in item.top]
+    assert all(math.isfinite(v) for v in values) and item.logprob == -9999.0
+    json.dumps(values, allow_nan=False)

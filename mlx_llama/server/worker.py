@@ -22,6 +22,7 @@ import codecs
 import collections
 import functools
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,12 @@ class QueueFull(Exception):
         super().__init__(f"{waiting} requests are already waiting")
         self.waiting = waiting
         self.retry_after = retry_after
+
+
+def json_logprob(value: float) -> float:
+    """A token the biases ruled out (-inf) or arithmetic lost (NaN) as OpenAI writes an
+    impossible token: -9999.0. JSON has no infinities, and the schema wants a number."""
+    return float(value) if math.isfinite(value) else -9999.0
 
 
 class ShuttingDown(MlxLlamaError):
@@ -459,9 +466,10 @@ class GenerationWorker:
         top = []
         for token_id, value in pairs:
             name, raw = token_piece(self.tokenizer, token_id)
-            top.append((name, value, list(raw)))
+            top.append((name, json_logprob(value), list(raw)))
         text, raw = token_piece(self.tokenizer, token)
-        return TokenLogprob(token=text, logprob=float(chosen.item()), bytes=list(raw), top=top)
+        return TokenLogprob(token=text, logprob=json_logprob(chosen.item()), bytes=list(raw),
+                            top=top)
 
 
 @lru_cache(maxsize=65536)
