@@ -595,6 +595,8 @@ BAD_REQUESTS = [
     ("image part", "/v1/chat/completions", {**GOOD_CHAT, "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      400, "messages.0.content.0.type"),
+    ("stream_options without stream", "/v1/chat/completions",  # accepted silently; OpenAI: 400
+     {**GOOD_CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options"),
 ]
 
 
@@ -616,6 +618,19 @@ def test_bad_request_gets_status_and_error_json(http, what, path, body, status, 
         response = http.post(path, json=body)
     error = assert_openai_error(response, status)
     assert error["param"] == param
+
+
+def test_a_key_that_is_not_text_is_named_as_the_request(http):
+    """The message read "invalid 'None': ..." (no field to name)."""
+    body = b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "\\ud800": 1}'
+    response = http.post("/v1/chat/completions", content=body,
+                         headers={"Content-Type": "application/json"})
+    error = assert_openai_error(response, 400)
+    assert error["message"].startswith("invalid request: ") and "None" not in error["message"]
+
+
+def test_health_answers_head_for_probes(server):
+    assert httpx.head(f"{server.url}/health").status_code == 200  # was 405
 
 
 def test_too_many_stop_strings_says_the_limit(http):
@@ -1133,3 +1148,18 @@ def test_impossible_tokens_get_a_json_number_as_logprob(chat_model_dir):
     values = [item.logprob] + [value for _, value, _ in item.top]
     assert all(math.isfinite(v) for v in values) and item.logprob == -9999.0
     json.dumps(values, allow_nan=False)
+
+
+def test_a_json_body_sent_as_a_form_is_read_as_json_except_from_web_pages(http):
+    """`curl -d @body.json` (a form Content-Type) or no Content-Type was refused; llama.cpp,
+    Ollama and mlx-lm read the body as JSON. A web page can send such a POST cross-origin
+    without a preflight, so from pages (an Origin header) JSON stays required."""
+    body = json.dumps({**GOOD_CHAT, "max_tokens": 2, "logit_bias": NO_EOS})
+    for headers in ({"Content-Type": "application/x-www-form-urlencoded"},
+                    {"Content-Type": "text/plain"}, {}):
+        reply = http.post("/v1/chat/completions", content=body, headers=headers)
+        assert reply.status_code == 200, (headers, reply.text)
+        assert reply.json()["usage"]["completion_tokens"] == 2
+    page = http.post("/v1/chat/completions", content=body,
+                     headers={"Content-Type": "text/plain", "Origin": "http://localhost:3000"})
+    assert page.status_code == 400 and "Content-Type: application/json" in page.text

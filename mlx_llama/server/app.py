@@ -35,7 +35,7 @@ from ..generate import check_token_ids
 from ..sampling import SamplingParams
 from . import schemas as S
 from .formats import ChatFormat, CompletionFormat, sse
-from .gate import LOCAL_ORIGINS, GateMiddleware
+from .gate import LOCAL_ORIGINS, GateMiddleware, JsonBodyByDefault
 from .http_errors import APIError, error_json, install_error_handlers
 from .worker import (Delta, Failed, Finished, GenerationWorker, Job, QueueFull, ShuttingDown,
                      TokenLogprob)
@@ -80,6 +80,9 @@ def reject_unsupported(body: S.SamplingFields) -> None:
         raise APIError(400, f"n={body.n} is not supported: this server returns one choice per "
                        "request; send n=1 or leave it out, and send several requests for "
                        "several answers", param="n", code="unsupported_value")
+    if body.stream_options is not None and not body.stream:  # as OpenAI: it would do nothing
+        raise APIError(400, "stream_options is only allowed with stream: true; drop it or "
+                       "stream the reply", param="stream_options", code="invalid_value")
     if not isinstance(body, S.ChatCompletionRequest):
         return
     if body.response_format is not None and body.response_format.type != "text":
@@ -362,7 +365,7 @@ def context(request: Request) -> ServerContext:
     return request.app.state.ctx
 
 
-@router.get("/health", response_model=S.Health)
+@router.api_route("/health", methods=["GET", "HEAD"], response_model=S.Health)  # (probes use HEAD)
 async def health(request: Request) -> S.Health:
     ctx = context(request)
     return S.Health(model=ctx.model_id, busy=ctx.worker.busy, waiting=ctx.worker.waiting)
@@ -485,6 +488,7 @@ def create_app(worker: GenerationWorker, tokenizer, *, model_id: str,
                                   longest_token_chars(tokenizer))
     app.include_router(router)
     install_error_handlers(app)
+    app.add_middleware(JsonBodyByDefault)
     app.add_middleware(GateMiddleware, api_key=api_key)
     # Outermost: preflights (which carry no API key) are answered before the gate, and the
     # gate's 401/413 carry the headers a browser needs to read them.

@@ -94,3 +94,24 @@ def replay(body: bytes, receive):
         return pending.pop() if pending else await receive()
 
     return receive_again
+
+
+class JsonBodyByDefault:
+    """Reads a POST body as JSON whatever its Content-Type says, as llama.cpp, Ollama and
+    mlx-lm do (`curl -d @body.json` sends it as a form), but only for callers that are not
+    browsers (no `Origin` header): a web page may send a form or text/plain POST to any
+    origin without a CORS preflight, so for pages JSON stays required, and with it the
+    preflight that CORS checks."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            headers = scope.get("headers") or []
+            names = {name.lower() for name, _ in headers}
+            declared = dict(headers).get(b"content-type", b"").split(b";")[0].strip().lower()
+            if b"origin" not in names and not declared.endswith(b"json"):
+                headers = [(n, v) for n, v in headers if n.lower() != b"content-type"]
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)

@@ -71,6 +71,8 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
     elif kind == "model_attributes_type" or (not loc and kind.endswith("_type")):
         message = ("the request body must be a JSON object, sent with "
                    "'Content-Type: application/json'")
+    elif param is None:  # e.g. a key that is not valid text: there is no field to name
+        message = f"invalid request: {first.get('msg', 'invalid value')}"
     else:
         message = f"invalid '{param}': {first.get('msg', 'invalid value')}"
     return error_json(400, message, param=param, code=code)
