@@ -52,15 +52,19 @@ def read_folder(folder: Path, label: str | None = None) -> SourceModel:
     config = read_config(folder)
     ModelConfig.from_dict(config)  # refuses unsupported architectures before any weight is read
     weights: dict[str, mx.array] = {}
+    weight_map = index_weight_map(folder) or {}
     for path in safetensors_files(folder):
-        names = check_header(path)
+        # A tensor the index places in another file is a stale copy there (transformers
+        # reads it from the named file too): skipped, not a conflict.
+        names = [n for n in check_header(path) if weight_map.get(n, path.name) == path.name]
         duplicate = next((n for n in names if n in weights), None)
         if duplicate is not None:
             raise MlxLlamaError(
                 f"tensor {duplicate} appears in more than one file in {folder}: remove stray "
                 "copies of the weights (keep one set of .safetensors files)"
             )
-        weights.update(open_lazily(path))
+        tensors = open_lazily(path)
+        weights.update({n: tensors[n] for n in names})
     return SourceModel(
         config=config,
         weights=weights,
@@ -92,18 +96,28 @@ def read_config(folder: Path) -> dict:
     return config
 
 
+def index_weight_map(folder: Path) -> dict[str, str] | None:
+    """tensor name -> file name from the folder's safetensors index, if it has one."""
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map is not a mapping of names to files")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise MlxLlamaError(
+            f"{index} is not a valid safetensors index (no weight_map); re-download the model"
+        ) from None
+    return weight_map
+
+
 def safetensors_files(folder: Path) -> list[Path]:
     """The weight files: those the index names if there is one, else every *.safetensors."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-            raise MlxLlamaError(
-                f"{index} is not a valid safetensors index (no weight_map); re-download the model"
-            ) from None
-        files = [folder / name for name in names]
+    weight_map = index_weight_map(folder)
+    if weight_map is not None:
+        files = [folder / name for name in sorted(set(weight_map.values()))]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
             raise MlxLlamaError(

@@ -143,6 +143,20 @@ def test_sharded_source_equals_single_file(tiny_checkpoints, tmp_path):
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
+    # A stale copy of a tensor in a shard the index does not name for it is skipped (as
+    # transformers does); it was refused as "appears in more than one file".
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    home = index["model.norm.weight"]
+    other = sorted(p for p in sharded.glob("*.safetensors") if p.name != home)[0]
+    tensors = dict(mx.load(str(other)))
+    tensors["model.norm.weight"] = mx.zeros_like(mx.load(str(sharded / home))["model.norm.weight"])
+    mx.save_safetensors(str(other), tensors, metadata={"format": "pt"})
+    c = tensors_of(convert(sharded, tmp_path / "c", quantize=True, progress=False))
+    assert all(np.array_equal(a[k], c[k]) for k in a)
+    (sharded / "model.safetensors.index.json").unlink()  # no index: which copy is meant?
+    with pytest.raises(MlxLlamaError, match="model.norm.weight appears in more than one file"):
+        convert(sharded, tmp_path / "d", quantize=True, progress=False)
+
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_sources_keep_their_dtype(sp_model_file, tmp_path, dtype):
