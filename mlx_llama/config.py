@@ -162,9 +162,11 @@ def _check_token_ids(cfg: dict[str, Any], key: str) -> None:
 
 
 def _rope_theta(cfg: dict[str, Any]) -> float:
-    """transformers < 5 writes `rope_theta` at the top level, >= 5 inside `rope_parameters`."""
-    params = cfg.get("rope_parameters") or {}
-    return float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    """transformers < 5 writes `rope_theta` at the top level, >= 5 inside `rope_parameters`;
+    where both are there and differ, the nested one is what transformers 5 runs with."""
+    params = cfg.get("rope_parameters")
+    nested = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(nested or cfg.get("rope_theta") or 10000.0)
 
 
 def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:

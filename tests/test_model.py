@@ -76,3 +76,22 @@ def test_loading_a_bfloat16_checkpoint_to_compute_in_float32_holds_one_stored_co
     peak = mx.get_peak_memory() - base
     layer_bf16 = sum(v.nbytes for _, v in tree_flatten(model.model.layers[0].parameters())) / 2
     assert resident > 0 and peak < resident + 3 * layer_bf16, (peak, resident, layer_bf16)
+
+
+def test_conflicting_rope_thetas_follow_transformers(tiny_checkpoints, tmp_path):
+    """With a top-level rope_theta and a different one in rope_parameters, we took the
+    top-level one; transformers 5 runs with the nested one."""
+    import json
+    import shutil
+
+    folder = tmp_path / "both"
+    shutil.copytree(tiny_checkpoints["gqa"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("rope_scaling", None)
+    config.update(rope_theta=10000.0,
+                  rope_parameters={"rope_type": "default", "rope_theta": 50.0})
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _ = load_model(folder, compute_dtype=mx.float32)
+    assert model.config.rope_theta == 50.0
+    tokens = tokens_for(model.config.vocab_size)
+    assert np.abs(np.array(model(mx.array(tokens))) - reference_logits(folder, tokens)).max() < 1e-4
