@@ -148,6 +148,10 @@ def check_destination(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise MlxLlamaError(f"{out} exists and is not a folder: choose another output path")
     if not out.is_dir():
+        above = next((p for p in Path(os.path.abspath(out)).parents if p.exists()), None)
+        if above is not None and not above.is_dir():  # `-o notes.txt/model`
+            raise MlxLlamaError(f"{above} is a file, so the output folder {out} cannot be made "
+                                "inside it: choose another output path")
         return
     here = Path.cwd().resolve()  # even an empty one: it is renamed away under the user's shell
     if out.resolve() == here or out.resolve() in here.parents:

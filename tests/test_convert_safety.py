@@ -380,6 +380,15 @@ def test_force_never_deletes_a_repository_or_dot_files(src, tmp_path, capsys):
     assert code == 1 and "already exists" in lines[0]
 
 
+def test_an_output_inside_a_file_is_named_as_such(src, tmp_path, capsys):
+    """`-o notes.txt/model` said "File exists (...notes.txt)"."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    code, lines = run_cli([src, "-o", notes / "sub" / "model"], capsys)
+    assert code == 1 and len(lines) == 1 and "notes.txt is a file, so the output" in lines[0], lines
+    assert notes.read_text() == "mine"
+
+
 def test_an_empty_current_directory_is_not_renamed_away(src, tmp_path, capsys, monkeypatch):
     """`-o .` in an empty folder moved it aside under the user's shell (and the model card
     got an empty name)."""
