@@ -59,7 +59,9 @@ def windows(n_tokens: int, context: int, stride: int | None = None) -> list[Wind
     scored_to = 0
     for start in range(0, n_tokens, stride):
         end = min(start + context, n_tokens)
-        out.append(Window(start, end, max(scored_to, start + 1)))
+        first_target = max(scored_to, start + 1)
+        if first_target < end:  # a last window of one token has nothing to score
+            out.append(Window(start, end, first_target))
         scored_to = end
         if end == n_tokens:
             break
