@@ -133,7 +133,8 @@ def render_chat_template(
         ) from None
 
 
-def render_fallback(messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+def render_fallback(messages: Sequence[Message], *, add_generation_prompt: bool = True,
+                    transcript: bool = False) -> str:
     """Prompt text for a model without a chat template.
 
     Such models are base models, trained on plain text, so the prompt should be plain text too:
@@ -145,10 +146,12 @@ def render_fallback(messages: Sequence[Message], *, add_generation_prompt: bool 
       prompt behaves the same through the chat API.
     - Otherwise a transcript: each message as "Role: content", separated by blank lines, and,
       with `add_generation_prompt`, a final "Assistant:" for the model to continue. This is
-      the conversational cue base models pick up from web text.
+      the conversational cue base models pick up from web text. `transcript=True` makes one
+      from the first message on, as a multi-turn chat needs: each turn's text must begin with
+      the previous turn's, or its KV cache could not be reused.
     """
     chat = validate_messages(messages)
-    if len(chat) == 1 and chat[0]["role"] == "user":
+    if len(chat) == 1 and chat[0]["role"] == "user" and not transcript:
         return chat[0]["content"]
     turns = [f"{m['role'].capitalize()}: {m['content']}" for m in chat]
     if add_generation_prompt:

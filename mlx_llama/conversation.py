@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .cache import PromptCache
+from .chat import render_fallback
 
 
 class Conversation:
@@ -39,13 +40,21 @@ class Conversation:
         """Append a user message; return the prompt tokens for the model's reply."""
         self.messages.append({"role": "user", "content": text})
         self._tokens_before = list(self.cache.tokens)
-        tok = self.tokenizer
-        full = tok.apply_chat_template(self.messages, add_generation_prompt=True)
+        full = self._render()
         self._prompt_text = full
         if self.history_text and self.cache.tokens and full.startswith(self.history_text):
-            new = tok.encode(full[len(self.history_text):], add_special_tokens=False)
+            new = self.tokenizer.encode(full[len(self.history_text):], add_special_tokens=False)
             return self.cache.tokens + new
-        return tok.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True)
+        return self._render(tokenize=True)
+
+    def _render(self, tokenize: bool = False) -> str | list[int]:
+        """The conversation as the prompt for the next reply. A model without a chat template
+        gets the plain transcript from the first turn on (see `render_fallback`)."""
+        if self.tokenizer.chat_template is None:
+            text = render_fallback(self.messages, transcript=True)
+            return self.tokenizer.encode(text) if tokenize else text
+        return self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True,
+                                                  tokenize=tokenize)
 
     def fit(self, prompt: list[int], budget: int) -> tuple[list[int], int]:
         """Drop the oldest turns (never the system message or the newest user message) until
@@ -65,13 +74,11 @@ class Conversation:
                 del self.messages[first]  # a turn starts with the user's message
                 dropped += 1
             self.history_text = ""
-            prompt = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True,
-                                                        tokenize=True)
+            prompt = self._render(tokenize=True)
         if len(prompt) > budget:  # the newest message alone is too long: change nothing
             self.messages, self.history_text, prompt = kept
             return prompt, 0
-        self._prompt_text = self.tokenizer.apply_chat_template(self.messages,
-                                                               add_generation_prompt=True)
+        self._prompt_text = self._render()
         return prompt, dropped
 
     def cancel_user(self) -> None:
@@ -85,7 +92,10 @@ class Conversation:
 
     def add_reply(self, text: str, last_token: int | None, complete: bool) -> None:
         """Record the assistant's reply. `complete` is False when it was cut short abnormally."""
-        self.messages.append({"role": "assistant", "content": text})
+        # The transcript writes "Assistant: " + content, and the reply continues "Assistant:"
+        # with its own leading space: stored without it, the next rendering extends this one.
+        plain = self.tokenizer.chat_template is None and text.startswith(" ")
+        self.messages.append({"role": "assistant", "content": text[1:] if plain else text})
         ended_on_eos = last_token is not None and last_token in self.tokenizer.eos_token_ids
         if not complete:
             self.history_text = ""

@@ -422,3 +422,33 @@ def test_sigterm_unwinds_like_ctrl_c_with_its_own_exit_status():
             "sys.exit(cli.main([]))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 143 and proc.stderr.strip() == "terminated (SIGTERM)", proc.stderr
+
+
+@pytest.mark.parametrize("rotating", [False, True])
+def test_a_chat_without_a_template_reuses_its_cache_turn_after_turn(tiny_checkpoints, rotating):
+    """Without a chat template the first turn was the bare text and later ones a transcript,
+    and a reply's leading space was written twice: the last reply was never reused from the
+    cache, and with a rotating window nothing was, once it had rotated."""
+    import argparse
+
+    from mlx_llama.cache_options import add_cache_arguments, cache_factory
+    from mlx_llama.conversation import Conversation
+    from mlx_llama.generate import stream_generate
+    from mlx_llama.loading import load
+
+    model, tok = load(tiny_checkpoints["gqa"])
+    assert tok.chat_template is None
+    word = tok.encode(" llama", add_special_tokens=False)[0]  # a reply of " llama llama ..."
+    parser = argparse.ArgumentParser()
+    add_cache_arguments(parser, prompt_cache=False)
+    flags = ["--max-kv-size", "48"] if rotating else []
+    chat = Conversation(model, tok, make_layers=cache_factory(parser.parse_args(flags), model))
+    previous = None
+    for turn in ["Hello there", "Tell me about llamas", "And their wool?", "Thanks"]:
+        prompt = chat.add_user(turn)
+        steps = list(stream_generate(model, tok, prompt, 6, cache=chat.cache,
+                                     logit_bias={word: 100.0}))
+        if previous is not None:  # all of the previous turn, its reply included, was reused
+            assert steps[-1].cached_tokens == previous, (turn, steps[-1].cached_tokens, previous)
+        chat.add_reply("".join(s.text for s in steps), steps[-1].token, True)
+        previous = steps[-1].prompt_tokens + len(steps)
