@@ -18,6 +18,7 @@ is used for everything, exactly. The files on disk are never changed.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,9 @@ def load(path_or_repo: str | Path, compute_dtype: mx.Dtype | None | str = "auto"
     from .hub import resolve_model_folder
     from .tokenizer import load_tokenizer
 
+    if not isinstance(path_or_repo, (str, os.PathLike)):  # pathlib's TypeError names no argument
+        raise MlxLlamaError(f"load() takes a model folder or a hub repo id, got "
+                            f"{type(path_or_repo).__name__} {path_or_repo!r}")
     folder = resolve_model_folder(path_or_repo)
     model, _ = load_model(folder, compute_dtype, lazy)
     return model, load_tokenizer(folder)

@@ -72,6 +72,9 @@ def test_load_takes_a_dtype_by_name_and_refuses_others_in_one_line(tiny_checkpoi
     for bad in ("fp8", 5, mx.int32):
         with pytest.raises(MlxLlamaError, match="compute_dtype must be"):
             load(folder, compute_dtype=bad)
+    for bad in (None, 5):  # pathlib's TypeError, naming no argument
+        with pytest.raises(MlxLlamaError, match="load\\(\\) takes a model folder or a hub repo"):
+            load(bad)
 
 
 def test_a_prefill_chunk_that_is_not_a_whole_number_is_refused(tiny_checkpoints):
