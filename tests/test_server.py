@@ -883,31 +883,36 @@ def test_declared_oversized_body_gets_413(server):
 # ------------------------------------------------------------------------------------------
 
 
-def test_serve_command_with_api_key_from_environment(chat_model_dir, tmp_path):
-    import os
-    import subprocess
-    import sys
-
+def serve_process(model_dir: Path, *flags: str, env: dict | None = None):
+    """`python -m mlx_llama.server` on a free loopback port, once it answers /health:
+    (process, base url)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "MLX_LLAMA_API_KEY": "env-key"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_llama.server", "-m", str(chat_model_dir), "--port", str(port),
-         "--model-name", "served", "--log-level", "warning"],
+        [sys.executable, "-m", "mlx_llama.server", "-m", str(model_dir), "--port", str(port),
+         "--log-level", "warning", *flags],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("server did not come up")
+        time.sleep(0.1)
+
+
+def test_serve_command_with_api_key_from_environment(chat_model_dir, tmp_path):
+    env = {**os.environ, "MLX_LLAMA_API_KEY": "env-key"}
+    proc, url = serve_process(chat_model_dir, "--model-name", "served", env=env)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.1)
         assert httpx.get(f"{url}/v1/models").status_code == 401
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="env-key", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["served"]
@@ -917,7 +922,7 @@ def test_serve_command_with_api_key_from_environment(chat_model_dir, tmp_path):
         # A second server on the same port fails with one line, before loading the model.
         busy = subprocess.run(
             [sys.executable, "-m", "mlx_llama.server", "-m", str(chat_model_dir), "--port",
-             str(port)], env=env, capture_output=True, text=True, timeout=60)
+             url.rsplit(":", 1)[1]], env=env, capture_output=True, text=True, timeout=60)
         assert busy.returncode == 1
         assert busy.stderr.strip().startswith("error: cannot listen on")
         assert len(busy.stderr.strip().splitlines()) == 1
@@ -930,24 +935,8 @@ def test_serve_command_with_api_key_from_environment(chat_model_dir, tmp_path):
 def test_exiting_ends_a_running_stream_at_once(chat_model_dir, signum):
     """Ctrl-C / SIGTERM let a running stream generate to its end (minutes for a long reply)
     before the server exited: uvicorn waits for open connections before the app's shutdown."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_llama.server", "-m", str(chat_model_dir), "--port", str(port),
-         "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, url = serve_process(chat_model_dir)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.1)
         body = {"model": "tiny-chat", "prompt": "Llamas", "max_tokens": 6000, "stream": True,
                 "logit_bias": NO_EOS}
         lines = []
