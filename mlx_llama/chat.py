@@ -176,6 +176,9 @@ def apply_chat_template(
     if continue_final_message and add_generation_prompt:
         raise MlxLlamaError("continue_final_message continues the last message, "
                             "add_generation_prompt starts a new one: pass only one of them")
+    if continue_final_message:  # render it with a tag after the text, then cut at the tag
+        messages = validate_messages(messages)
+        messages[-1]["content"] = messages[-1]["content"] + CONTINUE_TAG
     if template is None:
         text = render_fallback(messages, add_generation_prompt=add_generation_prompt)
     else:
@@ -186,22 +189,23 @@ def apply_chat_template(
             special_tokens=special_tokens,
             **variables,
         )
-    return _cut_after_final_message(text, messages) if continue_final_message else text
+    return _cut_at_tag(text) if continue_final_message else text
 
 
-def _cut_after_final_message(text: str, messages: Sequence[Message]) -> str:
+# Appended to the message to continue; the rendering is cut where it lands. Searching for the
+# text itself instead finds short texts ("|", "m", "end") inside the closing `<|im_end|>`.
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # (transformers' tag: the same cut point)
+
+
+def _cut_at_tag(text: str) -> str:
     """The rendered text up to the end of the last message's content, dropping what closes
-    the turn; as transformers does, its stripped form is searched if the template strips it."""
-    final = validate_messages(messages)[-1]["content"]
-    end = text.rfind(final) if final else -1
-    if end < 0 and final.strip():
-        final = final.strip()
-        end = text.rfind(final)
-    if end < 0:
+    the turn (and, where the template trimmed the content, its trailing spaces too)."""
+    at = text.rfind(CONTINUE_TAG.strip())
+    if at < 0:
         raise MlxLlamaError("continue_final_message: the last message's text is not in the "
-                            "rendered prompt (empty, or changed by the template), so it cannot "
+                            "rendered prompt (the template changed or dropped it), so it cannot "
                             "be continued")
-    return text[: end + len(final)]
+    return text[:at] if text.startswith(CONTINUE_TAG, at) else text[:at].rstrip()
 
 
 # --------------------------------------------------------------------------------------------

@@ -248,6 +248,14 @@ def test_continue_final_message_matches_transformers(request, folder):
         ours.apply_chat_template(messages, continue_final_message=True)
     assert apply_chat_template(None, messages, add_generation_prompt=False,
                                continue_final_message=True).endswith("Assistant: Roses are ")
+    # Short texts were found inside the closing tag ("|" in "<|eot_id|>") and the cut left
+    # part of it in the prompt; an empty one was refused (transformers leaves the turn open).
+    for final in ("|", "<", ">", "end", "m", "\n", "", "Sure, ", "  spaced  "):
+        messages[-1]["content"] = final
+        text = ours.apply_chat_template(messages, add_generation_prompt=False,
+                                        continue_final_message=True)
+        assert text == ref.apply_chat_template(messages, add_generation_prompt=False,
+                                               continue_final_message=True, tokenize=False), final
 
 
 def test_a_python_error_inside_a_template_is_one_line():
