@@ -319,7 +319,11 @@ def stream_generate(
     sampler = make_sampler(sampling)
     processor = LogitsProcessor(sampling, model.config.vocab_size, tokens)
     end_ids = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
-    stops = StopStrings([stop] if isinstance(stop, str) else list(stop or []))
+    stop_list = [stop] if isinstance(stop, str) else list(stop or [])
+    # A special token's text (stop=["<|im_start|>"]) never shows in the decoded text, which
+    # leaves such tokens out: it stops on the token's id instead.
+    end_ids |= {tokenizer.token_to_id(s) for s in stop_list} & set(tokenizer.all_special_ids)
+    stops = StopStrings(stop_list)
     detok = tokenizer.detokenizer(after=tokens if continuation else ())
     with wired_limit(model):  # Metal: keep the weights resident for the run; else a no-op
         mx.reset_peak_memory()

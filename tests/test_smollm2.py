@@ -60,3 +60,19 @@ def test_8bit_conversion_keeps_perplexity(smollm2_hf_bf16, smollm2_paragraph, tm
     ppl_full = np.exp(nll_per_token(smollm2_paragraph["ours"][None, :128], ids).mean())
     ppl_q8 = np.exp(nll_per_token(q8(mx.array(ids)), ids).mean())
     assert abs(ppl_q8 / ppl_full - 1) < 0.02
+
+
+def test_a_stop_string_that_is_a_special_token_stops_on_it(ours, tokenizer):
+    """stop=["<|im_start|>"] never fired: special tokens are left out of the decoded text
+    the stop strings are matched against."""
+    from mlx_llama.generate import stream_generate
+
+    start = tokenizer.token_to_id("<|im_start|>")
+    assert start in tokenizer.all_special_ids
+    force = {start: 100.0}  # the model writes <|im_start|> first
+    steps = list(stream_generate(ours, tokenizer, "Say hi", 6, stop=["<|im_start|>"],
+                                 logit_bias=force))
+    assert [(s.token, s.finish_reason) for s in steps] == [(start, "stop")]
+    assert steps[0].text == ""
+    unstopped = list(stream_generate(ours, tokenizer, "Say hi", 3, logit_bias=force))
+    assert len(unstopped) == 3 and unstopped[-1].finish_reason == "length"
