@@ -231,6 +231,8 @@ class Tokenizer:
         whether or not the template writes `bos_token` itself.
         """
         template = self.chat_template
+        if chat_template is None and template_vars.get("tools") and "tool_use" in self.chat_templates:
+            chat_template = "tool_use"  # as transformers: a model's own template for tools
         if chat_template is not None:
             template = self.chat_templates.get(chat_template, chat_template)
         text = _render_chat(

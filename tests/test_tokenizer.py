@@ -207,6 +207,11 @@ def test_named_chat_templates_and_jinja_file(tmp_path):
     assert tok.apply_chat_template(msgs) == "Dx"
     assert tok.apply_chat_template(msgs, chat_template="tool_use") == "Tx"
     assert set(tok.chat_templates) == {"default", "tool_use"}
+    # with tools and no template named, the model's tool_use template (as transformers picks);
+    # the default one used to render, dropping the tools
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    assert tok.apply_chat_template(msgs, tools=tools) == "Tx"
+    assert tok.apply_chat_template(msgs, tools=tools, chat_template="default") == "Dx"
 
     (folder / "chat_template.jinja").write_text("J{{ messages[0]['content'] }}")
     assert load_tokenizer(folder).apply_chat_template(msgs) == "Jx"
