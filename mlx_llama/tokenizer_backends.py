@@ -130,11 +130,11 @@ class SentencePieceBackend:
         for content, (token_id, is_special) in added_tokens.items():
             self._split_ids[content] = token_id
             if token_id >= self._n_pieces:
-                # Beyond the SentencePiece vocab (e.g. a <pad> appended by a fine-tune): only
-                # control tokens live there in practice, so they are never printed.
+                # Beyond the SentencePiece vocab (a <pad> appended by a fine-tune, or tags such
+                # as <tool_call> that a tool-use fine-tune prints): decoded as their text
+                # unless they are special, as transformers does.
                 self._extra_pieces[token_id] = content
-                special.add(token_id)
-            elif is_special and not sp.is_unknown(token_id):
+            if is_special and (token_id >= self._n_pieces or not sp.is_unknown(token_id)):
                 special.add(token_id)
         # The unknown piece stays visible (" ⁇ "), as SentencePiece decodes it: it tells the
         # reader that something was lost.
@@ -160,7 +160,27 @@ class SentencePieceBackend:
 
     def decode(self, ids: Sequence[int]) -> str:
         n, skip = self._n_pieces, self.special_ids
-        return self._sp.decode([i for i in ids if 0 <= i < n and i not in skip])
+        parts: list[str] = []
+        run: list[int] = []  # consecutive SentencePiece ids, decoded together (spaces, bytes)
+
+        def flush() -> None:
+            # SentencePiece drops a text's leading "▁"; after an added token it is a space.
+            space = " " if parts and self._sp.id_to_piece(run[0]).startswith("▁") else ""
+            parts.append(space + self._sp.decode(run))
+            run.clear()
+
+        for i in ids:
+            if i in skip or i < 0:
+                continue
+            if i < n:
+                run.append(i)
+            elif i in self._extra_pieces:  # a visible added token past the vocab: its text
+                if run:
+                    flush()
+                parts.append(self._extra_pieces[i])
+        if run:
+            flush()
+        return "".join(parts)
 
     def token_to_id(self, token: str) -> int | None:
         if token in self._split_ids:

@@ -462,3 +462,30 @@ def _decodes(raw: bytes) -> bool:
         return True
     except UnicodeDecodeError:
         return False
+
+
+def test_visible_added_tokens_past_a_sentencepiece_vocabulary_are_decoded(tmp_path):
+    """A tool-use fine-tune's <tool_call> (added past the vocabulary, not special) vanished
+    from decoded and streamed text; transformers prints it."""
+    from transformers import AutoTokenizer
+
+    folder = F.write_llama2_folder(tmp_path / "m")
+    n = load_tokenizer(folder).vocab_size
+
+    def entry(content, special):
+        return {"content": content, "lstrip": False, "rstrip": False, "normalized": False,
+                "single_word": False, "special": special}
+
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {"0": entry("<unk>", True), "1": entry("<s>", True),
+                                      "2": entry("</s>", True), str(n): entry("<tool_call>", False),
+                                      str(n + 1): entry("<|pad|>", True)}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, ref = load_tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
+    word = ours.encode("llamas", add_special_tokens=False)
+    for ids in ([n, *word], [*word, n, *word], [n + 1, *word, n + 1]):
+        expected = ref.decode(ids, skip_special_tokens=True)
+        assert ours.decode(ids) == expected, ids
+        detok = ours.detokenizer()
+        assert "".join(detok.add_token(i) for i in ids) + detok.finalize() == expected, ids
+    assert "<tool_call>" in ours.decode([n, *word])
