@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from mlx_llama.chat import Message, apply_chat_template as _render_chat
 from mlx_llama.errors import MlxLlamaError, one_line
-from mlx_llama.tokenizer_backends import Backend, SentencePieceBackend, TokenizersBackend
+from mlx_llama.tokenizer_backends import (AddedToken, Backend, SentencePieceBackend,
+                                          TokenizersBackend)
 
 __all__ = ["Tokenizer", "StreamingDetokenizer", "load_tokenizer", "END_OF_TURN_MARKERS"]
 
@@ -276,7 +277,8 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     if (folder / "tokenizer.json").is_file():
         backend = TokenizersBackend(folder / "tokenizer.json")
     elif (folder / "tokenizer.model").is_file():
-        backend = SentencePieceBackend(folder / "tokenizer.model", _added_tokens(tok_config))
+        backend = SentencePieceBackend(folder / "tokenizer.model", _added_tokens(tok_config),
+                                       legacy=tok_config.get("legacy") is not False)
     else:
         raise MlxLlamaError(
             f"No tokenizer in {folder}: expected tokenizer.json or tokenizer.model; copy them from "
@@ -431,15 +433,17 @@ def _special_token_texts(tok_config: Mapping[str, Any], special_map: Mapping[str
     return out
 
 
-def _added_tokens(tok_config: Mapping[str, Any]) -> dict[str, tuple[int, bool]]:
-    """tokenizer_config.json's added_tokens_decoder as {content: (id, special)}."""
+def _added_tokens(tok_config: Mapping[str, Any]) -> dict[str, AddedToken]:
+    """tokenizer_config.json's added_tokens_decoder as {content: AddedToken}."""
     decoder = tok_config.get("added_tokens_decoder")
-    out: dict[str, tuple[int, bool]] = {}
+    out: dict[str, AddedToken] = {}
     if isinstance(decoder, dict):
         for key, entry in decoder.items():
             content = _token_text(entry)
             if content is not None and str(key).isdigit():
-                out[content] = (int(key), bool(entry.get("special", True)))
+                flags = entry if isinstance(entry, dict) else {}
+                out[content] = AddedToken(int(key), bool(flags.get("special", True)),
+                                          bool(flags.get("lstrip")), bool(flags.get("rstrip")))
     return out
 
 

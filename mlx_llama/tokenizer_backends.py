@@ -8,6 +8,7 @@ prepend); the policy a model's configs decide (BOS, end tokens, templates) is `T
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
@@ -91,6 +92,16 @@ class TokenizersBackend:
         return None
 
 
+@dataclass(frozen=True)
+class AddedToken:
+    """An entry of tokenizer_config.json's added_tokens_decoder, as SentencePiece needs it."""
+
+    id: int
+    special: bool = True
+    lstrip: bool = False  # whitespace before it in a text belongs to it (is dropped)
+    rstrip: bool = False  # whitespace after it likewise
+
+
 class SentencePieceBackend:
     """A SentencePiece `tokenizer.model`, with Hugging Face's added-token handling on top.
 
@@ -98,13 +109,15 @@ class SentencePieceBackend:
     inside text, but chat templates write them as text, so we split the text on those strings
     first and encode the pieces between them separately. Each piece gets SentencePiece's usual
     dummy-prefix space, which is what Hugging Face's "legacy" Llama tokenizer and Meta's own
-    reference code produce for `<s>[INST] ...`.
+    reference code produce for `<s>[INST] ...`; with `legacy=False` (tokenizer_config.json's
+    `"legacy": false`) only the text's first piece does, as transformers then encodes.
     """
 
     name = "sentencepiece"
     byte_level = False  # pieces are text ("▁the"), bytes only as <0xNN> byte-fallback pieces
 
-    def __init__(self, path: Path, added_tokens: Mapping[str, tuple[int, bool]]) -> None:
+    def __init__(self, path: Path, added_tokens: Mapping[str, AddedToken],
+                 legacy: bool = True) -> None:
         import sentencepiece as spm
 
         self._sp = spm.SentencePieceProcessor()
@@ -127,7 +140,10 @@ class SentencePieceBackend:
             elif sp.is_unknown(i):
                 self._split_ids[sp.id_to_piece(i)] = i
         self._extra_pieces: dict[int, str] = {}
-        for content, (token_id, is_special) in added_tokens.items():
+        self._strips = {c: a for c, a in added_tokens.items() if a.lstrip or a.rstrip}
+        self._legacy = legacy
+        for content, added in added_tokens.items():
+            token_id, is_special = added.id, added.special
             self._split_ids[content] = token_id
             if token_id >= self._n_pieces:
                 # Beyond the SentencePiece vocab (a <pad> appended by a fine-tune, or tags such
@@ -150,13 +166,32 @@ class SentencePieceBackend:
         ids: list[int] = []
         pos = 0
         for match in self._split_re.finditer(text):
-            if match.start() > pos:
-                ids.extend(sp.encode(text[pos : match.start()]))
+            if match.start() < pos:  # inside whitespace an rstrip token took
+                continue
+            piece = text[pos : match.start()]
+            added = self._strips.get(match.group())
+            if added is not None and added.lstrip:
+                piece = piece.rstrip()
+            if piece:
+                ids.extend(self._encode_piece(piece, first=pos == 0))
             ids.append(self._split_ids[match.group()])
             pos = match.end()
+            if added is not None and added.rstrip:
+                pos += len(text[pos:]) - len(text[pos:].lstrip())
         if pos < len(text):
-            ids.extend(sp.encode(text[pos:]))
+            ids.extend(self._encode_piece(text[pos:], first=pos == 0))
         return ids
+
+    def _encode_piece(self, piece: str, first: bool) -> list[int]:
+        """One stretch of text between split tokens. After a token it gets no dummy-prefix
+        space without legacy, nor with it when it starts with a space of its own (as
+        transformers' Metaspace: "a [MASK] b" ends in "▁b", not "▁▁" "b"). SentencePiece adds
+        the prefix to whatever it is given, so it is given one that takes it ("<unk>"), whose
+        own ids are then dropped."""
+        if first or (self._legacy and not piece.startswith(" ")):
+            return self._sp.encode(piece)
+        unk = self._sp.id_to_piece(self._sp.unk_id())
+        return self._sp.encode(unk + piece)[len(self._sp.encode(unk)):]
 
     def decode(self, ids: Sequence[int]) -> str:
         n, skip = self._n_pieces, self.special_ids
