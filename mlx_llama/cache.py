@@ -71,6 +71,10 @@ class LayerCache:
         """Give back unused capacity before the cache is kept for later (kinds that grow in
         blocks override this)."""
 
+    def can_trim_to(self, keep: int) -> bool:
+        """Whether trimming to `keep` tokens leaves what a fresh cache fed those tokens holds."""
+        return bool(getattr(self, "is_trimmable", True))
+
     @property
     def allocated_nbytes(self) -> int:
         """Bytes its buffers hold, unused capacity included (what dropping it frees)."""
@@ -275,6 +279,11 @@ class QuantizedKVCache(LayerCache):
             return ()
         keys, values = self._fetch()
         return keys + values
+
+    def can_trim_to(self, keep: int) -> bool:
+        # Once quantized, a cut below `start` would leave quantized tokens that a fresh cache
+        # holds in full precision (their full-precision values are gone).
+        return self._plain is not None or keep >= self.start
 
     def trim(self, n: int) -> int:
         if self._plain is not None:
@@ -551,7 +560,7 @@ class PromptCache:
         held = self.layers[0].offset if self.layers else 0
         common = min(common, len(tokens) - 1, held)
         if common < held:
-            trimmable = all(getattr(c, "is_trimmable", True) for c in self.layers)
+            trimmable = all(c.can_trim_to(common) for c in self.layers)
             if trimmable:
                 for c in self.layers:
                     c.trim(held - common)
@@ -560,6 +569,19 @@ class PromptCache:
                 self.layers = self.make_layers()
         self.tokens = list(tokens[:common])
         return common
+
+    def keep_what_is_held(self, tokens: list[int]) -> None:
+        """After a prefill of `tokens` was interrupted: record the ones every layer holds, so
+        a retry reuses them. A layer that got further (stopped inside a chunk) is trimmed back;
+        if one cannot be, the cache starts over."""
+        held = min((c.offset for c in self.layers), default=0)
+        if any(c.offset > held and not c.can_trim_to(held) for c in self.layers):
+            self.layers, self.tokens = self.make_layers(), []
+            return
+        for c in self.layers:
+            if c.offset > held:
+                c.trim(c.offset - held)
+        self.tokens = list(tokens[:held])
 
     @property
     def nbytes(self) -> int:

@@ -322,14 +322,19 @@ def stream_generate(
     stop_list = [stop] if isinstance(stop, str) else list(stop or [])
     # A special token's text (stop=["<|im_start|>"]) never shows in the decoded text, which
     # leaves such tokens out: it stops on the token's id instead.
-    end_ids |= {tokenizer.token_to_id(s) for s in stop_list} & set(tokenizer.all_special_ids)
+    if stop_list:
+        end_ids |= {tokenizer.token_to_id(s) for s in stop_list} & set(tokenizer.all_special_ids)
     stops = StopStrings(stop_list)
     detok = tokenizer.detokenizer(after=tokens if continuation else ())
     with wired_limit(model):  # Metal: keep the weights resident for the run; else a no-op
         mx.reset_peak_memory()
         start = time.perf_counter()
-        first_logits = prefill(model, tokens[cached:], cache.layers, prefill_chunk,
-                               prefill_progress)
+        try:
+            first_logits = prefill(model, tokens[cached:], cache.layers, prefill_chunk,
+                                   prefill_progress)
+        except BaseException:  # Ctrl-C, a cancelled request: the chunks done are reusable
+            cache.keep_what_is_held(tokens)
+            raise
         cache.tokens = list(tokens)
         mx.eval(first_logits)
         prompt_time = time.perf_counter() - start

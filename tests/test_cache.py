@@ -398,3 +398,60 @@ def test_model_that_cannot_fit_gets_a_warning(model, monkeypatch):
     assert message and f"{size / 1e9:.2f} GB" in message and f"{size // 2 / 1e9:.2f} GB" in message
     monkeypatch.setattr(memory, "available_memory", lambda: size * 2)
     assert memory.fit_warning(model) is None
+
+
+def logits_after(model, cache: PromptCache, prompt: list[int]) -> np.ndarray:
+    """Reuse what `cache` holds of `prompt`, prefill the rest; the last position's logits."""
+    done = cache.reuse(prompt)
+    logits = prefill(model, prompt[done:], cache.layers, 8)
+    cache.tokens = list(prompt)
+    return np.array(logits)
+
+
+def test_a_quantized_cache_is_not_cut_below_its_start(model):
+    """Once quantized, a prompt cache cut back below --quantized-kv-start kept its quantized
+    tokens where a fresh cache holds them in full precision: another reply than a fresh run."""
+    make = lambda: model.make_cache("quantized", bits=4, group_size=32, start=40)  # noqa: E731
+    first, second = tokens(60), tokens(30, seed=1)
+    second = first[:30] + second[:5]
+    cache = PromptCache(make)
+    logits_after(model, cache, first)
+    assert cache.layers[0].quantized
+    assert not cache.layers[0].can_trim_to(30) and cache.layers[0].can_trim_to(45)
+    reused = logits_after(model, cache, second)
+    assert cache.layers[0].offset == len(second) and not cache.layers[0].quantized
+    fresh = logits_after(model, PromptCache(make), second)
+    assert np.array_equal(reused, fresh)
+
+
+@pytest.mark.parametrize("kind, options", [("default", {}), ("quantized", {"bits": 8})])
+def test_an_interrupted_prefill_keeps_the_chunks_it_finished(model, kind, options):
+    """A prefill stopped between chunks (Ctrl-C, a cancelled request) left the cache holding
+    them but recording none, so a retry prefilled everything again."""
+    from mlx_llama.generate import stream_generate
+
+    class Tok:  # what stream_generate needs for token ids
+        eos_token_ids: list[int] = []
+
+        def detokenizer(self, after=()):
+            from mlx_llama.tokenizer import StreamingDetokenizer
+
+            return StreamingDetokenizer(lambda ids: "".join(chr(65 + i % 26) for i in ids), set())
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(done: int, total: int) -> None:
+        if done >= 16:
+            raise Stop
+
+    prompt = tokens(70)
+    cache = PromptCache(lambda: model.make_cache(kind, **options))
+    with pytest.raises(Stop):
+        list(stream_generate(model, Tok(), prompt, 4, cache=cache, prefill_chunk=8,
+                             prefill_progress=stop_after_two))
+    assert cache.tokens == prompt[:16] and {c.offset for c in cache.layers} == {16}
+    retry = list(stream_generate(model, Tok(), prompt, 4, cache=cache, prefill_chunk=8))
+    fresh = list(stream_generate(model, Tok(), prompt, 4, prefill_chunk=8,
+                                 cache=PromptCache(lambda: model.make_cache(kind, **options))))
+    assert retry[0].cached_tokens == 16 and [r.token for r in retry] == [r.token for r in fresh]

@@ -450,6 +450,36 @@ def test_a_queued_request_whose_client_leaves_is_answered_and_logged(server, cap
     assert not server.worker.waiting
 
 
+def test_a_request_cancelled_in_its_prefill_leaves_a_reusable_cache(server):
+    """The cache was kept as made for the whole prompt though it held only the chunks done:
+    a retry could never move it, and forked copies of it (empty for quantized caches)."""
+    from mlx_llama.sampling import SamplingParams
+    from mlx_llama.server.worker import Job
+
+    class CancelledOnThirdLook:  # the worker looks before it starts, then after each chunk
+        looks = 0
+
+        def is_set(self) -> bool:
+            self.looks += 1
+            return self.looks >= 3
+
+        def set(self) -> None:
+            pass
+
+    prompt = (server.tokenizer.encode("llamas and alpacas " * 300))[:1500]
+    events = []
+    job = Job(id="cut", tokens=prompt, max_tokens=2, sampling=SamplingParams(),
+              emit=events.append, cancelled=CancelledOnThirdLook())
+    server.worker.prefix_cache.clear()
+    server.worker.submit(job)
+    _wait_for(lambda: events)
+    server.wait_idle()
+    entries = list(server.worker.prefix_cache.entries.values())
+    held = len(entries[0].cache.tokens)  # one prefill chunk
+    assert len(entries) == 1 and entries[0].prompt_len == held and 0 < held < len(prompt)
+    assert server.worker.prefix_cache.checkout(prompt).how == "move"
+
+
 def test_full_queue_gets_429_with_retry_after(server, http):
     body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hold the line."}],
             "max_tokens": 20, "temperature": 0, "stream": True, "logit_bias": NO_EOS}
@@ -555,6 +585,26 @@ def test_prefix_store_evicts_least_recently_used(chat_model_dir):
     texts = ["".join(r.text for r in stream_generate(model, tok, more, 8, temperature=0,
                                                      cache=cache)) for cache in (shrunk, whole)]
     assert texts[0] == texts[1]
+
+
+def test_a_repeated_prompt_moves_its_own_entry_rather_than_forking_a_longer_one():
+    """On a tie the oldest entry won, often one made for a longer prompt, so a repeat was
+    forked (a copy; for quantized caches an empty one) and identical copies piled up."""
+    from mlx_llama.cache import KVCache
+
+    def entry(tokens: list[int]) -> PromptCache:
+        cache = PromptCache(lambda: [KVCache()])
+        cache.tokens = list(tokens)
+        return cache
+
+    base = list(range(1, 301))
+    store = PrefixCacheStore(lambda: [KVCache()], budget_bytes=1 << 20)
+    store.checkin(entry(base + [7, 8]), 300)  # the longer prompt, older
+    store.checkin(entry(base[:256] + [9, 9]), 256)  # the repeat's own entry, newer
+    older, newer = store.entries.values()
+    out = store.checkout(base[:256] + [5])
+    assert out.how == "move" and out.matched == 256 and out.cache is newer.cache
+    assert [e.cache for e in store.entries.values()] == [older.cache]
 
 
 # ------------------------------------------------------------------------------------------

@@ -96,11 +96,13 @@ class PrefixCacheStore:
 
     def checkout(self, tokens: list[int]) -> Checkout:
         """The cache to generate `tokens` with: the best entry moved or forked, or a fresh one."""
-        best_key, best = None, 0
-        for key, entry in self.entries.items():
+        best_key, best, rank = None, 0, (0, False)
+        for key, entry in self.entries.items():  # oldest first: on a tie the newest wins
             n = common_prefix(entry.cache.tokens, tokens)
-            if n > best:
-                best_key, best = key, n
+            # The longest prefix; on a tie one that can be moved (a repeat of its prompt)
+            # rather than forked, which copies, or for other kinds than KVCache starts empty.
+            if n and (n, n >= entry.prompt_len) >= rank:
+                best_key, best, rank = key, n, (n, n >= entry.prompt_len)
         if best_key is None:
             return Checkout(PromptCache(self.make_layers), 0, "miss")
         entry = self.entries[best_key]

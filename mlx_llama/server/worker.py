@@ -444,8 +444,8 @@ class GenerationWorker:
             record.finish_reason, record.error = "error", f"{type(e).__name__}: {e}"
             self._safe_emit(job, Failed(e))
         finally:
-            if keep:
-                self.prefix_cache.checkin(cache, len(job.tokens))
+            if keep:  # (a job stopped in its prefill left a cache made for a shorter prompt)
+                self.prefix_cache.checkin(cache, min(len(job.tokens), len(cache.tokens)))
 
     def _safe_emit(self, job: Job, event: Event) -> None:
         try:
