@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,6 +20,7 @@ import mlx.core as mx
 from mlx_llama.errors import MlxLlamaError
 
 from .source import SourceModel
+from .writer import staged_folder
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -37,10 +35,12 @@ def dequantized_weights(src: SourceModel, dtype: mx.Dtype) -> dict[str, mx.array
         module = name[: -len(".weight")]
         if f"{module}.scales" in src.weights:
             params = quant.get(module) if isinstance(quant.get(module), dict) else quant
-            array = mx.dequantize(
-                array, src.weights[f"{module}.scales"], src.weights[f"{module}.biases"],
-                group_size=params.get("group_size", 64), bits=params.get("bits", 4),
-            )
+            # In float32: mx.dequantize computes in the scales' dtype (float16 from a GGUF),
+            # which would round code * scale + bias before it reaches the target dtype.
+            scales, biases = (src.weights[f"{module}.{part}"].astype(mx.float32)
+                              for part in ("scales", "biases"))
+            array = mx.dequantize(array, scales, biases, group_size=params.get("group_size", 64),
+                                  bits=params.get("bits", 4))
         out[name] = array.astype(dtype)
     return out
 
@@ -50,22 +50,21 @@ def export_hf(src: SourceModel, out: str | Path, dtype: str = "bfloat16") -> Pat
     out = Path(out)
     if out.exists():
         raise MlxLlamaError(f"{out} already exists; choose a new output folder")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        weights = dequantized_weights(src, DTYPES[dtype])
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
-        config = {k: v for k, v in src.config.items()
-                  if k not in ("quantization", "quantization_config")}
-        config["torch_dtype"] = dtype
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for name, content in src.files.items():
-            mode = "wb" if isinstance(content, bytes) else "w"
-            with open(tmp / name, mode) as f:
-                f.write(content)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    try:  # the converter's staging: parent folders made, atomic, the umask's permissions
+        with staged_folder(out, force=False) as tmp:
+            weights = dequantized_weights(src, DTYPES[dtype])
+            mx.save_safetensors(str(tmp / "model.safetensors"), weights,
+                                metadata={"format": "pt"})
+            config = {k: v for k, v in src.config.items()
+                      if k not in ("quantization", "quantization_config")}
+            config["torch_dtype"] = dtype
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            for name, content in src.files.items():
+                (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
+    except (OSError, RuntimeError) as e:  # MLX reports a failed write as RuntimeError
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise MlxLlamaError(f"cannot write {out} ({why}): check the path, its permissions "
+                            "and the free disk space") from None
     return out
 
 

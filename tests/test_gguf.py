@@ -395,6 +395,27 @@ def test_tiny_gguf_converts_to_mlx_folder_without_loss(tiny_gguf, tmp_path):
     np.testing.assert_array_equal(logits_of(model, ids), logits_of(build_model(source), ids))
 
 
+def test_a_float32_export_holds_the_files_values_exactly(tiny_gguf, tmp_path):
+    """The export dequantized in float16 (the scales' dtype) before widening: float32 exports
+    of a Q4_0/Q8_0 file were off by up to 1e-3 where llama.cpp's values are exact."""
+    import stat
+
+    from convert.export import export_hf
+
+    out = export_hf(read_gguf(tiny_gguf), tmp_path / "new" / "parents" / "f32", "float32")
+    exported = mx.load(str(out / "model.safetensors"))
+    tensors = {t.name: t for t in GGUFReader(str(tiny_gguf)).tensors}
+    for gguf_name, name in (("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
+                            ("token_embd.weight", "model.embed_tokens.weight")):
+        t = tensors[gguf_name]
+        np.testing.assert_array_equal(np.array(exported[name]),
+                                      dequantize(np.asarray(t.data), t.tensor_type))
+    assert stat.S_IMODE(out.stat().st_mode) & 0o055  # the umask's, not mkdtemp's 0700
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(MlxLlamaError, match="a_file is a file"):  # was NotADirectoryError
+        export_hf(read_gguf(tiny_gguf), tmp_path / "a_file" / "out", "float32")
+
+
 def test_unpermute_inverts_llama_cpp_order():
     rows = np.arange(3 * 8 * 5).reshape(3 * 8, 5)
     back = np.array(unpermute_rows(mx.array(llama_cpp_permute(rows, 3)), 3))
