@@ -13,7 +13,7 @@ import re
 import sys
 
 from .conversation import Conversation
-from .errors import MlxLlamaError
+from .errors import MlxLlamaError, Terminated
 from .generate import (attends_within_context, check_max_tokens, context_length,
                        stream_generate)
 
@@ -32,6 +32,8 @@ def run_repl(args: argparse.Namespace) -> int:
     try:  # the banner is inside: a Ctrl-C that lands just after it is still "at the prompt"
         print(f"chatting with {args.model or 'the bundled SmolLM2'}; {HELP}", file=sys.stderr)
         converse(chat, model, tokenizer, params, args)
+    except Terminated:
+        raise  # main() reports it and exits 128 + the signal
     except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: leave quietly
         print(file=sys.stderr)
     return 0
@@ -96,7 +98,9 @@ def converse(chat: Conversation, model, tokenizer, params, args: argparse.Namesp
                 reply.append(last.text)
                 out.write(last.text)
                 out.flush()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            if isinstance(e, Terminated):  # SIGTERM/SIGHUP end the chat, not just the reply
+                raise
             interrupted = True
             print("\n[reply interrupted]", file=err)
         except MlxLlamaError as e:  # e.g. over the context: this turn fails, the chat goes on

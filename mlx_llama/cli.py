@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import MlxLlamaError
+from .errors import MlxLlamaError, Terminated
 
 DEFAULT_PROMPT = "Write a short poem about llamas running on a laptop."
 
@@ -165,16 +165,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .chat_repl import run_repl
 
     return run_repl(args)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the program is, like Ctrl-C: every cleanup that Ctrl-C
-    runs (a conversion's temporary folder, a prompt cache's partial file) runs for `kill`,
-    `timeout` and a closed terminal too, instead of the process dying with them left behind."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
 
 
 def terminate_like_interrupt() -> None:

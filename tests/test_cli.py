@@ -126,6 +126,25 @@ def test_chat_ctrl_c_at_the_prompt_leaves_cleanly(chat_model):
     assert "Traceback" not in err
 
 
+def test_sigterm_during_a_chat_reply_ends_the_chat(chat_model, monkeypatch, capsys):
+    """It was taken for Ctrl-C: "[reply interrupted]", and the chat went on."""
+    import io
+    import signal
+
+    import mlx_llama.chat_repl as repl
+    from mlx_llama.errors import Terminated
+
+    def killed(*args, **kwargs):
+        raise Terminated(signal.SIGTERM)
+        yield  # (a generator, like stream_generate)
+
+    monkeypatch.setattr(repl, "stream_generate", killed)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\nAnd again\n"))
+    assert main(["chat", "-m", str(chat_model)]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "terminated (SIGTERM)" in err and "[reply interrupted]" not in err
+
+
 @pytest.fixture(scope="module")
 def chat_model_hd32(tmp_path_factory, sp_model_file) -> Path:
     """Head size 32: the smallest the quantized cache's groups fit."""
