@@ -11,6 +11,7 @@ says what to do.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -68,9 +69,14 @@ def resolve_model_folder(spec: str | Path, revision: str | None = None) -> Path:
         return path
     if isinstance(spec, str) and looks_like_repo_id(spec):
         try:
-            return download(spec, revision, MODEL_FILES)
+            folder = download(spec, revision, MODEL_FILES)
         except MlxLlamaError as e:
             raise with_local_hint(spec, e) from None
+        if not any(folder.glob("*.safetensors")):  # e.g. only pytorch_model.bin (not fetched)
+            raise MlxLlamaError(
+                f"{spec} has no .safetensors weights, so it is not an MLX model repo: convert "
+                f"it (`mlx-llama convert {spec} -o OUT`), then run the folder")
+        return folder
     raise MlxLlamaError(f"model path {spec} does not exist; give a model folder or a hub repo id")
 
 
@@ -79,13 +85,35 @@ def download(
 ) -> Path:
     """Fetch the files of `repo_id` matching `patterns` (top level only); return the snapshot.
 
-    Progress bars are huggingface_hub's own, shown only when stderr is a terminal.
+    config.json comes first and must describe a model mlx-llama runs: a repo of another
+    architecture is refused before gigabytes of its weights are fetched. Progress bars are
+    huggingface_hub's own, shown only when stderr is a terminal.
     """
+    folder = _snapshot(repo_id, revision, ["config.json"], False)
+    if not (folder / "config.json").is_file():
+        raise MlxLlamaError(not_a_model_repo(repo_id, revision))
+    from .config import ModelConfig
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MlxLlamaError(f"{repo_id}'s config.json is not valid JSON ({e}): it is not a "
+                            "usable model repo") from None
+    try:
+        ModelConfig.from_dict(config)
+    except MlxLlamaError as e:
+        raise MlxLlamaError(f"{repo_id}: {e}") from None
+    return _snapshot(repo_id, revision, patterns, progress)
+
+
+def _snapshot(repo_id: str, revision: str | None, patterns: list[str], progress: bool) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
         with _library_warnings_as_one_note(), _progress_bars(progress and sys.stderr.isatty()):
-            folder = Path(snapshot_download(
+            return Path(snapshot_download(
                 repo_id,
                 revision=revision,
                 allow_patterns=patterns,
@@ -95,9 +123,6 @@ def download(
         raise
     except Exception as e:  # the library raises a dozen types; each gets its own sentence
         raise MlxLlamaError(describe_hub_error(e, repo_id, revision)) from None
-    if not (folder / "config.json").is_file():
-        raise MlxLlamaError(not_a_model_repo(repo_id, revision))
-    return folder
 
 
 def not_a_model_repo(repo_id: str, revision: str | None) -> str:

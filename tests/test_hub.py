@@ -270,6 +270,29 @@ def test_runtime_resolves_an_mlx_repo_id(tiny_checkpoints, tmp_path):
     model(mx.array([[1, 2]]))
 
 
+def test_a_repo_the_runtime_cannot_run_is_refused_before_its_weights_are_fetched(
+        tiny_checkpoints, tmp_path):
+    """Another architecture was downloaded whole (gigabytes) before its config was read; a
+    repo with only PyTorch weights gave "no .safetensors weights in <a cache path>"."""
+    from convert.api import convert
+
+    files = repo_files(convert(tiny_checkpoints["gqa"], tmp_path / "mlx", quantize=True,
+                               progress=False))
+    config = json.loads(files["config.json"])
+    qwen = {**files, "config.json": json.dumps({**config, "model_type": "qwen2"}).encode()}
+    bin_only = {k: v for k, v in files.items() if not k.endswith(".safetensors")}
+    with FakeHub() as hub:
+        hub.add_repo("org/qwen", qwen)
+        hub.add_repo("org/bin-only", bin_only)
+        code, _, err = run(["org/qwen"], tmp_path / "home", hub.url, code=RESOLVE)
+        assert code == 1 and len(err) == 1 and "org/qwen: " in err[0] and "qwen2" in err[0], err
+        assert not {n for n in hub.requested() if n.endswith(".safetensors")}
+        code, _, err = run(["org/bin-only"], tmp_path / "home", hub.url, code=RESOLVE)
+        assert code == 1 and len(err) == 1, err
+        assert "org/bin-only has no .safetensors weights" in err[0]
+        assert "mlx-llama convert org/bin-only -o OUT" in err[0] and "snapshots" not in err[0]
+
+
 def test_a_local_path_typo_says_so_and_a_repo_id_stays_one(tmp_path, monkeypatch):
     """`out/nonexist` where `out/` is a folder here: the error says there is no such folder
     before what the hub said; `org/name` is still a repo id when a folder `org/` exists (the
