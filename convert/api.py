@@ -23,7 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_llama.config import ModelConfig
-from mlx_llama.errors import MlxLlamaError
+from mlx_llama.errors import MlxLlamaError, Terminated
 
 from .mapping import map_weights, natural_key
 from .quantize import (VALID_BITS, VALID_GROUP_SIZES, QuantRecipe, QuantSpec, plan_tensor,
@@ -153,7 +153,9 @@ def convert(
 
         try:  # the folder is in place now: a failure here must not claim it was not written
             print(format_evaluation(evaluate(out, reopen, cfg, eval_text, progress=progress), eval_text), flush=True)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            if isinstance(e, Terminated):
+                raise
             raise MlxLlamaError(f"evaluation interrupted; {out} was written") from None
         except Exception as e:  # noqa: BLE001 - one line, with what did happen
             first = next(iter(str(e).splitlines()), type(e).__name__)

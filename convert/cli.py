@@ -123,7 +123,7 @@ def run_convert(args: argparse.Namespace) -> int:
     User errors, Ctrl-C and unexpected failures all raise a one-line MlxLlamaError (the
     output folder is left as it was), which the caller prints before exiting 1.
     """
-    from mlx_llama.errors import MlxLlamaError
+    from mlx_llama.errors import MlxLlamaError, Terminated
 
     from .api import convert
 
@@ -152,6 +152,9 @@ def run_convert(args: argparse.Namespace) -> int:
         return 0
     except MlxLlamaError:
         raise
+    except Terminated:  # (kill, timeout: exit 128 + the signal, after the same clean-up)
+        print(f"conversion stopped: {args.out} was not written or changed", file=sys.stderr)
+        raise
     except KeyboardInterrupt:
         raise MlxLlamaError(f"conversion interrupted: {args.out} was not written or changed") from None
     except Exception as e:
@@ -167,7 +170,7 @@ def run_convert(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point: returns the exit status (0, or 1 after one error line)."""
     from mlx_llama.cli import terminate_like_interrupt
-    from mlx_llama.errors import MlxLlamaError
+    from mlx_llama.errors import MlxLlamaError, Terminated
 
     terminate_like_interrupt()  # `kill`/`timeout` clean up the temporary folder as Ctrl-C does
     parser = configure_parser(OneLineParser(prog="mlx-llama convert", description=DESCRIPTION))
@@ -177,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     except MlxLlamaError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
+    except Terminated as e:
+        return 128 + e.signum
     return 0
 
 

@@ -981,7 +981,7 @@ def test_serve_command_with_api_key_from_environment(chat_model_dir, tmp_path):
         proc.wait(10)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_exiting_ends_a_running_stream_at_once(chat_model_dir, signum):
     """Ctrl-C / SIGTERM let a running stream generate to its end (minutes for a long reply)
     before the server exited: uvicorn waits for open connections before the app's shutdown."""
@@ -998,7 +998,8 @@ def test_exiting_ends_a_running_stream_at_once(chat_model_dir, signum):
                     os.kill(proc.pid, signum)
         ended = time.monotonic() - sent
         # uvicorn re-raises the signal once it has shut down: the usual exit status for it
-        assert proc.wait(30) == (130 if signum == signal.SIGINT else -signum)
+        # (a hang-up is shut down as a SIGTERM: uvicorn knows only SIGINT and SIGTERM)
+        assert proc.wait(30) == (130 if signum == signal.SIGINT else -signal.SIGTERM)
         events = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
         assert [x for x in lines if x][-1] == "data: [DONE]", lines[-3:]
         assert events[-1]["error"]["message"] == "the server is shutting down; retry later"
@@ -1008,6 +1009,29 @@ def test_exiting_ends_a_running_stream_at_once(chat_model_dir, signum):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_a_job_queued_as_the_shutdown_begins_is_told(chat_model_dir):
+    """A shutdown signal landing inside submit() (the loop's thread, between two bytecodes)
+    could leave a job queued that the worker then never answered: its client, and with it
+    uvicorn's shutdown, waited forever."""
+    from mlx_llama.sampling import SamplingParams
+    from mlx_llama.server.worker import Failed, Job, JobRecord, ShuttingDown
+    from mlx_llama.tokenizer import load_tokenizer
+
+    worker = GenerationWorker(load_model_fn(chat_model_dir), load_tokenizer(chat_model_dir)).start()
+    events = []
+    job = Job(id="late", tokens=[1, 2, 3], max_tokens=2, sampling=SamplingParams(),
+              emit=events.append)
+    with worker._cond:  # what the interleaving leaves: stopping, and the job queued after
+        worker._stopping = True
+        worker._queue.append(job)
+        worker._pending[job.id] = JobRecord(job.id, 3)
+        worker._cond.notify_all()
+    worker._thread.join(10)
+    assert not worker._thread.is_alive()
+    assert len(events) == 1 and isinstance(events[0], Failed)
+    assert isinstance(events[0].error, ShuttingDown)
 
 
 def test_a_load_error_is_raised_only_once_the_worker_thread_has_ended(chat_model_dir,

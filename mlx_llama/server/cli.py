@@ -12,7 +12,9 @@ import argparse
 import logging
 import os
 import re
+import signal
 import socket
+import threading
 from pathlib import Path
 
 from ..errors import MlxLlamaError
@@ -119,9 +121,23 @@ def run(args: argparse.Namespace) -> int:
              worker.context_length, args.host, args.port)
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:  # Ctrl-C, SIGTERM: end the streams now
-            worker.begin_shutdown()  # (uvicorn waits for open connections before shutdown)
+            # (uvicorn waits for open connections before the app's shutdown). From a thread:
+            # this runs between two bytecodes of the loop's thread, maybe inside submit().
+            threading.Thread(target=worker.begin_shutdown, name="shutdown").start()
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                          access_log=False)).run()
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                   access_log=False))
+    # uvicorn handles SIGINT/SIGTERM only: a closed terminal is taken as a SIGTERM (unless
+    # SIGHUP is ignored, as under nohup).
+    hangup = getattr(signal, "SIGHUP", None)
+    previous = None
+    if (hangup is not None and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(hangup) is not signal.SIG_IGN):
+        previous = signal.signal(hangup, lambda _s, f: server.handle_exit(signal.SIGTERM, f))
+    try:
+        server.run()
+    finally:
+        if previous is not None:
+            signal.signal(hangup, previous)
     return 0

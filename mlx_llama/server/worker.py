@@ -366,8 +366,9 @@ class GenerationWorker:
             with self._cond:
                 while not self._queue and not self._stopping:
                     self._cond.wait()
-                if self._stopping:
-                    return
+                if self._stopping:  # (a job queued as the shutdown began must hear of it)
+                    left, self._queue = list(self._queue), collections.deque()
+                    break
                 job = self._queue.popleft()
                 record = self._pending.pop(job.id)
                 self.current = job
@@ -383,6 +384,8 @@ class GenerationWorker:
                     self.records.append(record)
                     if record.started_at is not None:
                         self._recent_seconds.append(record.finished_at - record.started_at)
+        for job in left:
+            self._safe_emit(job, Failed(ShuttingDown()))
 
     def _run(self, job: Job, record: JobRecord) -> None:
         record.started_at = time.perf_counter()
