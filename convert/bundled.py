@@ -78,7 +78,7 @@ def sweep_stale(cache: Path) -> None:
     """Remove what imports killed mid-way (SIGKILL, a power cut) left: their temporary
     folders, a model's size each. A recent one may be another process's import: kept."""
     now = time.time()
-    for leftover in cache.glob(f".{FOLDER_NAME}.*-*"):
+    for leftover in cache.glob(f".{FOLDER_NAME}.tmp-*"):  # (not .old-*: a commit's rollback)
         try:
             if leftover.is_dir() and now - leftover.stat().st_mtime > STALE_SECONDS:
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -97,6 +97,9 @@ def default_model_dir() -> Path:
         print(f"mlx-llama: the cached default model in {out} is damaged ({why}); importing "
               "it again", file=sys.stderr)
         shutil.rmtree(out, ignore_errors=True)
+        if out.exists():
+            raise MlxLlamaError(f"the cached default model in {out} is damaged ({why}) and "
+                                "cannot be removed: delete that folder, then run again")
     if out.parent.is_dir():
         sweep_stale(out.parent)
     gguf = bundled_gguf()

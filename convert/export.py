@@ -50,9 +50,10 @@ def export_hf(src: SourceModel, out: str | Path, dtype: str = "bfloat16") -> Pat
     out = Path(out)
     if out.exists():
         raise MlxLlamaError(f"{out} already exists; choose a new output folder")
+    weights = dequantized_weights(src, DTYPES[dtype])
+    mx.eval(weights)  # here: a failure computing them is not a failure to write
     try:  # the converter's staging: parent folders made, atomic, the umask's permissions
         with staged_folder(out, force=False) as tmp:
-            weights = dequantized_weights(src, DTYPES[dtype])
             mx.save_safetensors(str(tmp / "model.safetensors"), weights,
                                 metadata={"format": "pt"})
             config = {k: v for k, v in src.config.items()
