@@ -17,6 +17,7 @@ with the same tokenizer and the same windows for both.
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 from collections import Counter
@@ -32,6 +33,7 @@ from mlx_llama.errors import MlxLlamaError
 from .calibrate import DEFAULT_MAX_TOKENS, Calibration, calibrate, read_calibration_text
 from .quantize import (HIGH_PRECISION_MODULES, QUANTIZABLE_LEAVES, QuantRecipe, QuantSpec,
                        most_common)
+from .affine import bits_per_weight
 from .sensitivity import FORMATS, Importance, allocate, format_cost, lookup_frequencies
 
 # Added to every channel's weight, relative to the mean: a channel the calibration text never
@@ -173,6 +175,7 @@ def choose_formats(recipe: QuantRecipe, params: dict[str, mx.array], cal: Calibr
         costs[module] = {f: format_cost(wq, f[0], f[1], factors, importance, halves=pair)
                          for f in formats}
         sizes[module] = w.size
+    check_budget(recipe.bpw, costs, sizes, total_params, other_bits, scale_bits)
     budget = recipe.bpw * total_params - other_bits
     choice = allocate(costs, sizes, budget, scale_bits)
     recipe.overrides = {m: QuantSpec(*f) for m, f in choice.items()}
@@ -180,6 +183,25 @@ def choose_formats(recipe: QuantRecipe, params: dict[str, mx.array], cal: Calibr
     recipe.bits, recipe.group_size = default.bits, default.group_size
     if progress:
         print(describe_choice(recipe.overrides), flush=True)
+
+
+def check_budget(bpw: float, costs: dict, sizes: dict[str, int], total_params: int,
+                 other_bits: float, scale_bits: int) -> None:
+    """Refuse a --bpw no choice can meet, naming the smallest that can: the tensors that
+    cannot be quantized (widths that are no whole number of groups) are paid in full."""
+    if not costs:
+        raise MlxLlamaError(
+            "--bpw has nothing to spend its budget on: no matrix of this model has a width "
+            "that is a whole number of 32-column groups, so none can be quantized; drop --bpw "
+            "(the model then converts unquantized)")
+    cheapest = sum(sizes[t] * min(bits_per_weight(*f, scale_bits) for f in c)
+                   for t, c in costs.items())
+    smallest = (cheapest + other_bits) / max(total_params, 1)
+    if smallest > bpw:
+        raise MlxLlamaError(
+            f"--bpw {bpw:g} is too low for this model: its smallest formats, with the tensors "
+            f"that stay in float, need {smallest:.2f} bits per weight; give --bpw "
+            f"{math.ceil(smallest * 100) / 100:g} or more")
 
 
 def gptq_halves(cal: Calibration, module: str):

@@ -518,3 +518,25 @@ def test_an_eval_text_too_short_to_score_is_refused_before_converting(trained, t
     err = capsys.readouterr().err
     assert "has fewer than 2 tokens under" in err and len(err.strip().splitlines()) == 1, err
     assert "Converting" not in err and not out.exists()
+
+
+def test_an_unreachable_bpw_names_the_smallest_that_works(tmp_path, sp_model_file):
+    """The message counted only the quantizable tensors: "need 5.00 bits, raise --bpw" while
+    --bpw 5 to 7.5 all failed; with nothing quantizable it said "need 0.00 bits"."""
+    import re
+
+    from conftest import make_hf_checkpoint
+    from mlx_llama.errors import MlxLlamaError
+
+    odd = make_hf_checkpoint(tmp_path / "odd", sp_model_file, hidden_size=96,
+                             intermediate_size=200, num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(MlxLlamaError, match=r"--bpw 5 is too low.*give --bpw [\d.]+ or more") as e:
+        convert(odd, tmp_path / "a", bpw=5.0, method="search", progress=False)
+    enough = float(re.search(r"give --bpw ([\d.]+)", str(e.value)).group(1))
+    assert enough > 5
+    out = convert(odd, tmp_path / "b", bpw=enough, method="search", progress=False)
+    assert json.loads((out / "config.json").read_text())["quantization"]
+    none = make_hf_checkpoint(tmp_path / "none", sp_model_file, hidden_size=80,
+                              intermediate_size=176, num_attention_heads=5, num_key_value_heads=1)
+    with pytest.raises(MlxLlamaError, match="nothing to spend its budget on"):
+        convert(none, tmp_path / "c", bpw=4.5, method="search", progress=False)
