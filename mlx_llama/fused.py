@@ -59,7 +59,9 @@ def embed(table: nn.Module, tokens: mx.array, dtype: mx.Dtype | None) -> mx.arra
     """
     if dtype is None:
         return table(tokens)
-    if not isinstance(table, nn.QuantizedEmbedding):
+    if not isinstance(table, nn.QuantizedEmbedding) or not mx.issubdtype(table["scales"].dtype,
+                                                                         mx.floating):
+        # (mxfp4/nvfp4/mxfp8 tables: their scales are uint8 exponents, used as they are)
         return cast(table(tokens), dtype)
     biases = table.get("biases")
     return mx.dequantize(

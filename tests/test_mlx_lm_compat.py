@@ -77,3 +77,15 @@ def test_mlx_lm_mixed_and_mxfp4_folders_as_converter_sources(tiny_checkpoints, t
     with pytest.raises(MlxLlamaError, match="quantized in mode 'mxfp4'.*mlx-llama generate -m"):
         convert(fp4, tmp_path / "fp4_again", progress=False)
     assert not (tmp_path / "fp4_again").exists()
+
+
+@pytest.mark.parametrize("mode, group_size", [("mxfp4", 32), ("mxfp8", 32)])
+def test_mlx_lm_microscaled_folders_run_in_mlx_llama(tiny_checkpoints, tmp_path, mode, group_size):
+    """mxfp4/nvfp4/mxfp8 folders crashed on the first token: the embedding's uint8 scales
+    were cast to the compute dtype as affine ones are."""
+    from mlx_lm import convert as mlx_lm_convert
+
+    out = tmp_path / mode
+    mlx_lm_convert(str(tiny_checkpoints["gqa"]), str(out), quantize=True, q_mode=mode,
+                   q_group_size=group_size)
+    assert np.abs(ours(out) - theirs(out)).max() < 1e-3
