@@ -17,6 +17,7 @@ is used for everything, exactly. The files on disk are never changed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -68,7 +69,10 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("*.safetensors"))
+    """The model's weight files: `model*.safetensors`, as mlx-lm and our converter name them
+    (an `adapters.safetensors` or a `consolidated.safetensors` beside them is not the model);
+    any *.safetensors in a folder that has none of those."""
+    files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
     if not files:
         extra = ""
         if list(folder.glob("*.bin")) or list(folder.glob("*.pth")):
@@ -77,6 +81,12 @@ def weight_files(folder: Path) -> list[Path]:
             extra = " (it has a GGUF file: convert it with `mlx-llama convert FILE.gguf -o OUT`)"
         raise MlxLlamaError(f"no .safetensors weights in {folder}{extra}")
     return files
+
+
+def _shortened(message: str, limit: int = 240) -> str:
+    """MLX's message on one line (it lists the parameter names on the next ones), capped."""
+    text = " ".join(message.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_weights(folder: Path) -> dict[str, mx.array]:
@@ -172,6 +182,8 @@ def load_model(
     raw = read_config(folder)
     cfg = ModelConfig.from_dict(raw)
     weights = read_weights(folder)
+    if "tie_word_embeddings" not in raw and "lm_head.weight" not in weights:
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=True)  # no head and no say: tied
     model = Llama(cfg)
     quantization = raw.get("quantization") or raw.get("quantization_config")
     if quantization and any(k.endswith(".scales") for k in weights):
@@ -184,7 +196,7 @@ def load_model(
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise MlxLlamaError(
-            f"weights in {folder} do not fit its config.json ({str(e).splitlines()[0]}); "
+            f"weights in {folder} do not fit its config.json ({_shortened(str(e))}); "
             "re-convert the model"
         ) from None
     del weights  # the model holds them now; a cast below must not keep the stored copy alive

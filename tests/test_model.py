@@ -95,3 +95,27 @@ def test_conflicting_rope_thetas_follow_transformers(tiny_checkpoints, tmp_path)
     assert model.config.rope_theta == 50.0
     tokens = tokens_for(model.config.vocab_size)
     assert np.abs(np.array(model(mx.array(tokens))) - reference_logits(folder, tokens)).max() < 1e-4
+
+
+def test_folders_as_mlx_lm_users_have_them_load(tiny_checkpoints, tmp_path):
+    """An adapters.safetensors beside the model was read as model weights (refused); a config
+    without tie_word_embeddings whose folder has no head was refused; the refusal left out
+    the names MLX gives on the next lines ("Missing 1 parameters: )")."""
+    import json
+    import shutil
+
+    from mlx_llama.errors import MlxLlamaError
+
+    tied = tiny_checkpoints["tied"]
+    expected = np.array(load_model(tied, compute_dtype=mx.float32)[0](mx.array([[1, 2, 3]])))
+    folder = tmp_path / "m"
+    shutil.copytree(tied, folder)
+    mx.save_safetensors(str(folder / "adapters.safetensors"), {"lora_a": mx.zeros((2, 2))})
+    config = json.loads((folder / "config.json").read_text())
+    assert config.pop("tie_word_embeddings") is True
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _ = load_model(folder, compute_dtype=mx.float32)
+    assert np.array_equal(np.array(model(mx.array([[1, 2, 3]]))), expected)
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    with pytest.raises(MlxLlamaError, match="lm_head.weight"):
+        load_model(folder)
