@@ -89,7 +89,7 @@ def _check_vocabulary(md: dict, vocab_size: int, name: str) -> None:
     if tokens is not None and len(tokens) > vocab_size:
         raise MlxLlamaError(f"{name} is inconsistent: its vocabulary has {len(tokens)} tokens but "
                             f"token_embd.weight has {vocab_size} rows; re-create the file")
-    for key in ("bos_token_id", "eos_token_id"):
+    for key in ("bos_token_id", "eos_token_id", "unknown_token_id"):
         value = md.get(f"tokenizer.ggml.{key}")
         if value is not None and not 0 <= int(value) < vocab_size:
             raise MlxLlamaError(f"{name} is inconsistent: tokenizer.ggml.{key} is {value}, "

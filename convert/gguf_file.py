@@ -190,6 +190,9 @@ def _parse(buf: mmap.mmap, name: str) -> GGUFHeader:
         raise MlxLlamaError(f"{name} is not a GGUF file (no GGUF magic at its start)")
     cur.pos = 4
     version = cur.take("I")
+    if version not in (2, 3) and int.from_bytes(version.to_bytes(4, "little"), "big") in (1, 2, 3):
+        raise MlxLlamaError(f"{name} is a big-endian GGUF file, which mlx-llama cannot read: "
+                            "use the little-endian file that llama.cpp and the hub publish")
     if version not in (2, 3):
         raise MlxLlamaError(
             f"{name} is GGUF version {version}; only versions 2 and 3 are supported: "
@@ -199,7 +202,11 @@ def _parse(buf: mmap.mmap, name: str) -> GGUFHeader:
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string()
-        metadata[key] = cur.value(cur.take("I"))
+        type_id = cur.take("I")
+        if key == "general.alignment" and type_id != 4:  # llama.cpp and mx.load read uint32
+            raise _corrupt(name, f"general.alignment is stored as type {type_id}, not uint32 "
+                           "(MLX would read the tensors at another alignment)")
+        metadata[key] = cur.value(type_id)
     tensors: dict[str, TensorInfo] = {}
     for _ in range(n_tensors):
         tname = cur.string()

@@ -116,6 +116,9 @@ def tokenizer_files(md: dict[str, Any], name: str, context_length: int) -> dict[
     tokens = list(md["tokenizer.ggml.tokens"])
     default_types = np.full(len(tokens), NORMAL)
     types = np.asarray(md.get("tokenizer.ggml.token_type", default_types), dtype=np.int64)
+    if types.shape != (len(tokens),):
+        raise MlxLlamaError(f"{name} is inconsistent: it has {len(tokens)} tokens but "
+                            f"{types.size} token types; re-create the file")
     if kind == "gpt2":
         tokenizer = byte_level_tokenizer(md, tokens, types, name)
     elif kind == "llama":
@@ -213,6 +216,9 @@ def sentencepiece_tokenizer(md: dict[str, Any], tokens: list[str], types: np.nda
         )
         merges = merges_from_scores(tokens, scores, types)
     unk_id = md.get("tokenizer.ggml.unknown_token_id")
+    if unk_id is not None and not 0 <= int(unk_id) < len(tokens):
+        raise MlxLlamaError(f"the file is inconsistent: tokenizer.ggml.unknown_token_id is "
+                            f"{unk_id}, outside its {len(tokens)} tokens; re-create the file")
     unk = tokens[int(unk_id)] if unk_id is not None else None
     tokenizer = Tokenizer(
         models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)

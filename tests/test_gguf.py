@@ -545,22 +545,28 @@ def test_a_tensor_offset_pointing_at_other_data_is_refused(tmp_path, tiny_gguf, 
         read_gguf(path)
 
 
-def spm_vocab_writer(sp_model_file: Path, bos: int = 1, rows: int = 0):
-    """write_spm_vocab with another BOS id, or an embedding of `rows` rows fewer than tokens."""
+def spm_vocab_writer(sp_model_file: Path, bos: int = 1, rows: int = 0, unk: int | None = None,
+                     types_short: int = 0):
+    """write_spm_vocab with another BOS (or UNK) id, an embedding of `rows` rows fewer than
+    tokens, or `types_short` token types fewer than tokens."""
     def write(writer: GGUFWriter) -> int:
         tokens, scores, token_types = spm_vocab(sp_model_file)
         writer.add_tokenizer_model("llama")
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
-        writer.add_token_types(token_types)
+        writer.add_token_types(token_types[: len(token_types) - types_short])
         writer.add_bos_token_id(bos)
         writer.add_eos_token_id(2)
+        if unk is not None:
+            writer.add_unk_token_id(unk)
         return len(tokens) - rows
     return write
 
 
 @pytest.mark.parametrize("options, match", [(dict(bos=5000), "bos_token_id is 5000"),
-                                            (dict(rows=20), "has 580 rows")])
+                                            (dict(rows=20), "has 580 rows"),
+                                            (dict(unk=9999), "unknown_token_id is 9999"),
+                                            (dict(types_short=5), "but 595 token types")])
 def test_ids_past_the_embedding_table_are_refused(tmp_path, llama_sp_model, options, match):
     """A BOS id past the table crashed the converter's check (a segfault, a temp folder left
     behind); tokens past it gave non-finite logits."""
@@ -581,6 +587,37 @@ def test_damaged_hyper_parameters_are_named(tmp_path, llama_sp_model, metadata, 
     path = write_tiny_gguf(tmp_path / "bad.gguf", llama_sp_model, metadata=metadata)
     with pytest.raises(MlxLlamaError, match=match):
         read_gguf(path)
+
+
+def _tiny_with(path: Path, sp_model: Path, writer: type) -> Path:
+    """write_tiny_gguf through another GGUFWriter class (the module's name is what it uses)."""
+    real = globals()["GGUFWriter"]
+    globals()["GGUFWriter"] = writer
+    try:
+        return write_tiny_gguf(path, sp_model)
+    finally:
+        globals()["GGUFWriter"] = real
+
+
+def test_a_wrongly_typed_alignment_and_big_endian_files_are_refused(tmp_path, llama_sp_model):
+    """An alignment stored as uint64 was accepted, and MLX then read every tensor at 32 bytes:
+    silently wrong weights. A big-endian file was "GGUF version 50331648"."""
+    from gguf import GGUFEndian
+
+    class Aligned64(GGUFWriter):
+        def __init__(self, path, arch, **kw):
+            super().__init__(path, arch, **kw)
+            self.data_alignment = 64
+            self.add_uint64("general.alignment", 64)
+
+    class BigEndian(GGUFWriter):
+        def __init__(self, path, arch, **kw):
+            super().__init__(path, arch, endianess=GGUFEndian.BIG, **kw)
+
+    with pytest.raises(MlxLlamaError, match="general.alignment is stored as type 10, not uint32"):
+        read_gguf(_tiny_with(tmp_path / "a.gguf", llama_sp_model, Aligned64))
+    with pytest.raises(MlxLlamaError, match="big-endian GGUF file"):
+        read_gguf(_tiny_with(tmp_path / "be.gguf", llama_sp_model, BigEndian))
 
 
 @pytest.mark.parametrize("keep", [0.02, 0.5, 0.999])
