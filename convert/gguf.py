@@ -31,7 +31,7 @@ from .source import SourceModel
 
 GROUP_SIZE = 32
 QUANT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
-PLAIN_TYPES = ("F32", "F16")
+PLAIN_TYPES = ("F32", "F16", "BF16")
 SUPPORTED_TYPES = PLAIN_TYPES + tuple(QUANT_BITS)
 
 _GLOBAL_MODULES = {
@@ -112,7 +112,7 @@ def read_gguf(path: str | Path) -> SourceModel:
         )
     _check_types(header, path.name)
     modules = _module_names(header, path.name)
-    arrays = _load_arrays(path)
+    arrays = {**_load_arrays(path), **_bfloat16_arrays(path, header)}
     rope_freqs = np.array(arrays[ROPE_FREQS]) if ROPE_FREQS in header.tensors else None
     vocab_size = header.tensors["token_embd.weight"].shape[0]
     _check_vocabulary(md, vocab_size, path.name)
@@ -155,7 +155,7 @@ def _check_types(header: GGUFHeader, name: str) -> None:
             raise MlxLlamaError(
                 f"{name} stores {info.name} as {info.type_name}, which cannot be imported without "
                 f"loss; supported GGUF types are {', '.join(SUPPORTED_TYPES)}: use a GGUF "
-                "quantized as Q4_0, Q4_1 or Q8_0 (or F16), or convert the original Hugging Face "
+                "quantized as Q4_0, Q4_1 or Q8_0 (or F16/BF16), or convert the original Hugging Face "
                 "model"
             )
 
@@ -188,6 +188,22 @@ def _load_arrays(path: Path) -> dict[str, mx.array]:
         raise MlxLlamaError(
             f"cannot read the tensors of {path.name} ({e}); the file is corrupt: download it again"
         ) from None
+
+
+def _bfloat16_arrays(path: Path, header: GGUFHeader) -> dict[str, mx.array]:
+    """BF16 tensors read from their bytes: `mx.load` returns them as float16, which rounds
+    and overflows (bfloat16 has float32's range), so they would not import losslessly."""
+    out = {}
+    with open(path, "rb") as f:
+        for info in header.tensors.values():
+            if info.type_name == "BF16":
+                f.seek(header.data_offset + info.offset)
+                raw = np.frombuffer(f.read(info.nbytes), dtype=np.uint16)
+                if raw.size * 2 != info.nbytes:
+                    raise MlxLlamaError(f"{path.name} is truncated ({info.name} is cut short); "
+                                        "download it again")
+                out[info.name] = mx.array(raw).view(mx.bfloat16).reshape(info.shape)
+    return out
 
 
 def _tensor_parts(
@@ -236,7 +252,7 @@ def _check_quantized(info: TensorInfo, parts: dict[str, mx.array | None], name: 
 
 
 def _check_plain(info: TensorInfo, array: mx.array | None, name: str) -> None:
-    dtype = {"F32": mx.float32, "F16": mx.float16}[info.type_name]
+    dtype = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}[info.type_name]
     if array is None or tuple(array.shape) != info.shape or array.dtype != dtype:
         raise MlxLlamaError(
             f"{name}: {info.name} ({info.type_name}, {info.shape}) did not read back as such; "
@@ -271,7 +287,7 @@ def _torch_dtype(header: GGUFHeader) -> str | None:
     plain = {t.type_name for t in header.tensors.values() if t.type_name in PLAIN_TYPES}
     if len(plain) != 1:
         return None
-    return {"F32": "float32", "F16": "float16"}[plain.pop()]
+    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[plain.pop()]
 
 
 def _describe_types(header: GGUFHeader) -> str:

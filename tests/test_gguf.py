@@ -332,6 +332,24 @@ def test_tiny_gguf_logits_match_transformers(tiny_gguf):
     assert np.abs(ours - ref).max() < 1e-4
 
 
+def test_a_bfloat16_gguf_imports_without_loss(tmp_path, llama_sp_model):
+    """BF16 tensors were refused: mx.load reads them as float16 (rounded, overflowing), so
+    they are read from their bytes, bit for bit."""
+    kinds = {part: Q.BF16 for part in ("token_embd", "attn_q", "attn_k", "attn_v",
+                                        "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    path = write_tiny_gguf(tmp_path / "bf16.gguf", llama_sp_model, types=kinds)
+    source = read_gguf(path)
+    down = source.weights["model.layers.0.mlp.down_proj.weight"]
+    assert down.dtype == mx.bfloat16
+    t = next(t for t in GGUFReader(str(path)).tensors if t.name == "blk.0.ffn_down.weight")
+    np.testing.assert_array_equal(np.array(down.view(mx.uint16)),
+                                  np.asarray(t.data).view(np.uint16).reshape(down.shape))
+    ids = [1, 45, 200, 17, 300, 99, 4, 411, 12, 3]
+    ours = logits_of(build_model(source), ids)
+    ref = transformers_logits(transformers_model(path), ids)
+    assert np.abs(ours - ref).max() < 1e-4
+
+
 def test_tiny_gguf_types_and_quantization_block(tiny_gguf, llama_sp_model):
     source = read_gguf(tiny_gguf)
     w = source.weights
@@ -509,7 +527,7 @@ def test_llama3_style_byte_level_tokenizer(tmp_path):
 # -------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("kind", [Q.Q5_K, Q.Q2_K, Q.BF16, Q.Q5_0])
+@pytest.mark.parametrize("kind", [Q.Q5_K, Q.Q2_K, Q.Q5_0])
 def test_unsupported_tensor_type_is_named(tmp_path, llama_sp_model, kind):
     path = write_tiny_gguf(tmp_path / "bad.gguf", llama_sp_model, types={"ffn_up": kind})
     with pytest.raises(MlxLlamaError, match=kind.name):
