@@ -155,6 +155,10 @@ class SentencePieceBackend:
         # The unknown piece stays visible (" ⁇ "), as SentencePiece decodes it: it tells the
         # reader that something was lost.
         self.special_ids = frozenset(special)
+        self._visible_extra = any(i not in self.special_ids for i in self._extra_pieces)
+        # Without legacy, text after a token is encoded behind this (see `_encode_piece`).
+        self._unk_prefix = sp.id_to_piece(sp.unk_id())
+        self._unk_prefix_ids = len(sp.encode(self._unk_prefix))
         self.vocab_size = max([self._n_pieces, *(i + 1 for i in self._extra_pieces)])
         names = sorted(self._split_ids, key=len, reverse=True)
         self._split_re = re.compile("|".join(re.escape(n) for n in names)) if names else None
@@ -190,11 +194,12 @@ class SentencePieceBackend:
         own ids are then dropped."""
         if first or (self._legacy and not piece.startswith(" ")):
             return self._sp.encode(piece)
-        unk = self._sp.id_to_piece(self._sp.unk_id())
-        return self._sp.encode(unk + piece)[len(self._sp.encode(unk)):]
+        return self._sp.encode(self._unk_prefix + piece)[self._unk_prefix_ids:]
 
     def decode(self, ids: Sequence[int]) -> str:
         n, skip = self._n_pieces, self.special_ids
+        if not self._visible_extra:  # the usual model, and the streaming detokenizer's path
+            return self._sp.decode([i for i in ids if 0 <= i < n and i not in skip])
         parts: list[str] = []
         run: list[int] = []  # consecutive SentencePiece ids, decoded together (spaces, bytes)
 
