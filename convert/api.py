@@ -30,7 +30,8 @@ from .quantize import (VALID_BITS, VALID_GROUP_SIZES, QuantRecipe, QuantSpec, pl
                        quantization_block, requested_spec, spec_from_block)
 from .safetensors_source import COPIED_FILES, COPIED_PATTERNS, INDEX_FILE, read_folder
 from .source import SourceModel
-from .writer import check_destination, staged_folder, write_json, write_weights
+from .writer import (check_destination, staged_folder, write_extra_files, write_json,
+                     write_weights)
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -333,21 +334,6 @@ def output_config(
         out["quantization"] = block
         out["quantization_config"] = dict(block)
     return out
-
-
-def write_extra_files(folder: Path, files: dict[str, str | bytes]) -> None:
-    """Tokenizer, chat template, generation config: as the source has them.
-
-    Only plain file names are accepted, and the files the converter writes itself (config,
-    weights, index, model card) are never taken from the source.
-    """
-    for name, content in files.items():
-        if Path(name).name != name or name in ("config.json", "README.md") or (
-            name.endswith((".safetensors", ".safetensors.index.json"))
-        ):
-            continue
-        data = content.encode() if isinstance(content, str) else content
-        (folder / name).write_bytes(data)
 
 
 def describe(plan: Plan, recipe: QuantRecipe | None, config: dict, nbytes: int) -> str:

@@ -11,7 +11,6 @@ triples is exact arithmetic (code * scale + bias), so nothing is lost beyond the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import mlx.core as mx
 from mlx_llama.errors import MlxLlamaError
 
 from .source import SourceModel
-from .writer import staged_folder
+from .writer import staged_folder, write_extra_files, write_json
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -58,10 +57,8 @@ def export_hf(src: SourceModel, out: str | Path, dtype: str = "bfloat16") -> Pat
                                 metadata={"format": "pt"})
             config = {k: v for k, v in src.config.items()
                       if k not in ("quantization", "quantization_config")}
-            config["torch_dtype"] = dtype
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            for name, content in src.files.items():
-                (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
+            write_json(tmp / "config.json", {**config, "torch_dtype": dtype})
+            write_extra_files(tmp, src.files)
     except (OSError, RuntimeError) as e:  # MLX reports a failed write as RuntimeError
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise MlxLlamaError(f"cannot write {out} ({why}): check the path, its permissions "

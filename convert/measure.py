@@ -266,10 +266,10 @@ def count_eval_tokens(files: dict[str, str | bytes], text_path: str) -> int:
     from mlx_llama.perplexity import read_text
     from mlx_llama.tokenizer import load_tokenizer
 
+    from .writer import write_extra_files
+
     with tempfile.TemporaryDirectory() as tmp:
-        for name, content in files.items():
-            if Path(name).name == name and not name.endswith(".safetensors"):
-                Path(tmp, name).write_bytes(content.encode() if isinstance(content, str) else content)
+        write_extra_files(Path(tmp), files)  # the tokenizer files, as the output will have them
         return len(load_tokenizer(tmp).encode(read_text(text_path)))
 
 

@@ -138,6 +138,21 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def write_extra_files(folder: Path, files: dict[str, str | bytes]) -> None:
+    """Tokenizer, chat template, generation config: as the source has them.
+
+    Only plain file names are accepted, and the files the converter writes itself (config,
+    weights, index, model card) are never taken from the source.
+    """
+    for name, content in files.items():
+        if Path(name).name != name or name in ("config.json", "README.md") or (
+            name.endswith((".safetensors", ".safetensors.index.json"))
+        ):
+            continue
+        data = content.encode() if isinstance(content, str) else content
+        (folder / name).write_bytes(data)
+
+
 # Files a desktop drops into any folder it shows: a folder holding only these counts as empty.
 DESKTOP_JUNK = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".directory"})
 
