@@ -142,7 +142,8 @@ def convert(
             write_extra_files(tmp, source.files)
             write_json(tmp / "config.json", config)
             summary = describe(plan, recipe, config, total_bytes)
-            (tmp / "README.md").write_text(model_card(Path(os.path.realpath(out)).name, source, summary))
+            name = Path(os.path.realpath(out)).name  # (`-o .` or a symlink: the real name)
+            (tmp / "README.md").write_text(model_card(name, source, summary))
             if verify:
                 verify_folder(tmp)
     except OSError as e:
@@ -153,7 +154,8 @@ def convert(
         from .measure import evaluate, format_evaluation
 
         try:  # the folder is in place now: a failure here must not claim it was not written
-            print(format_evaluation(evaluate(out, reopen, cfg, eval_text, progress=progress), eval_text), flush=True)
+            result = evaluate(out, reopen, cfg, eval_text, progress=progress)
+            print(format_evaluation(result, eval_text), flush=True)
         except KeyboardInterrupt as e:
             if isinstance(e, Terminated):
                 raise
@@ -434,9 +436,10 @@ def _non_finite_reason(folder: Path) -> str:
                 if array.dtype == mx.float32:
                     return (f"the source's tensor {name} holds NaN or infinite values: the "
                             "checkpoint is damaged; download or export it again")
-                return (f"tensor {name} holds NaN or infinite values as {str(array.dtype).rsplit('.', 1)[-1]}: the "
-                        "source's values overflow that dtype (try --dtype float32), or the "
-                        "checkpoint is damaged")
+                dtype = str(array.dtype).rsplit(".", 1)[-1]  # "float16", not "mlx.core.float16"
+                return (f"tensor {name} holds NaN or infinite values as {dtype}: the source's "
+                        "values overflow that dtype (try --dtype float32), or the checkpoint "
+                        "is damaged")
     return ("the converted model produces non-finite logits although its weights are finite: "
             "their values overflow the compute dtype (try --dtype float32)")
 

@@ -89,9 +89,11 @@ def _check_vocabulary(md: dict, vocab_size: int, name: str) -> None:
     if tokens is not None and len(tokens) > vocab_size:
         raise MlxLlamaError(f"{name} is inconsistent: its vocabulary has {len(tokens)} tokens but "
                             f"token_embd.weight has {vocab_size} rows; re-create the file")
-    for key in ("bos_token_id", "eos_token_id", "unknown_token_id"):
+    # (the unknown token is looked up in the token list, which may be shorter than the table)
+    for key, size in (("bos_token_id", vocab_size), ("eos_token_id", vocab_size),
+                      ("unknown_token_id", len(tokens) if tokens is not None else vocab_size)):
         value = md.get(f"tokenizer.ggml.{key}")
-        if value is not None and not 0 <= int(value) < vocab_size:
+        if value is not None and not 0 <= int(value) < size:
             raise MlxLlamaError(f"{name} is inconsistent: tokenizer.ggml.{key} is {value}, "
                                 f"outside its {vocab_size}-token vocabulary; re-create the file")
 

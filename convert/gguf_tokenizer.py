@@ -216,9 +216,6 @@ def sentencepiece_tokenizer(md: dict[str, Any], tokens: list[str], types: np.nda
         )
         merges = merges_from_scores(tokens, scores, types)
     unk_id = md.get("tokenizer.ggml.unknown_token_id")
-    if unk_id is not None and not 0 <= int(unk_id) < len(tokens):
-        raise MlxLlamaError(f"the file is inconsistent: tokenizer.ggml.unknown_token_id is "
-                            f"{unk_id}, outside its {len(tokens)} tokens; re-create the file")
     unk = tokens[int(unk_id)] if unk_id is not None else None
     tokenizer = Tokenizer(
         models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)

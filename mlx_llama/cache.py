@@ -71,9 +71,11 @@ class LayerCache:
         """Give back unused capacity before the cache is kept for later (kinds that grow in
         blocks override this)."""
 
+    is_trimmable = True  # (the rotating cache's turns False once it has dropped a token)
+
     def can_trim_to(self, keep: int) -> bool:
         """Whether trimming to `keep` tokens leaves what a fresh cache fed those tokens holds."""
-        return bool(getattr(self, "is_trimmable", True))
+        return self.is_trimmable
 
     @property
     def allocated_nbytes(self) -> int:
@@ -86,7 +88,6 @@ class LayerCache:
 class KVCache(LayerCache):
     kind = "default"
     step = 256
-    is_trimmable = True
 
     def __init__(self) -> None:
         self.keys: mx.array | None = None
@@ -180,7 +181,6 @@ class QuantizedKVCache(LayerCache):
 
     kind = "quantized"
     step = 256
-    is_trimmable = True
 
     def __init__(self, bits: int = 8, group_size: int = 64, start: int = 0) -> None:
         check_quantized_options(bits, group_size, start)

@@ -219,7 +219,7 @@ def context_length(model) -> int:
 def rotating_cache_hint(cache: PromptCache | None, limit: int) -> str:
     """How to go past the context: the flag, or for a loaded prompt-cache file (which keeps
     the kind it was saved with, so the flag would be refused) a file made with it."""
-    if cache is not None and getattr(cache, "saved_prompt", None) is not None:
+    if cache is not None and cache.saved_prompt is not None:
         return (f"re-create the prompt cache with a rotating cache no larger than the context "
                 f"(`mlx-llama cache-prompt ... --max-kv-size {limit}`) to slide past it")
     return (f"use a rotating cache no larger than the context (--max-kv-size {limit} or less) "
